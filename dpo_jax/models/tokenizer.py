@@ -1,0 +1,29 @@
+"""CLIP tokenization through transformers' own tokenizer (BPE is not ours to reimplement)."""
+from collections.abc import Sequence
+import os
+
+import numpy as np
+import transformers
+
+from dpo_jax.errors import UserError
+
+
+def load_tokenizer(folder: str) -> transformers.CLIPTokenizer:
+  """The CLIP tokenizer of a hub-layout folder (e.g. a pipeline's `tokenizer/`).
+
+  The folder's tokenizer_config.json / special_tokens_map.json are honoured: SD 2.x and SDXL's
+  second tokenizer pad with '!' rather than the EOS token, and the text encoders saw that.
+  """
+  for name in ("vocab.json", "merges.txt"):
+    if not os.path.isfile(os.path.join(folder, name)):
+      raise UserError(f"{folder} has no {name}; point at a CLIP tokenizer folder (the "
+                      "'tokenizer' or 'tokenizer_2' folder of a diffusers pipeline)")
+  return transformers.CLIPTokenizer.from_pretrained(folder)
+
+
+def tokenize(tokenizer: transformers.CLIPTokenizer, prompts: Sequence[str],
+             max_length: int = 77) -> np.ndarray:
+  """int32 ids (len(prompts), max_length): BOS, tokens, EOS, padding; long prompts truncated."""
+  ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="np")["input_ids"]
+  return ids.astype(np.int32)
