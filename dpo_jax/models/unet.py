@@ -170,17 +170,26 @@ class UNet2DConditionModel(nn.Module):
     return conv(cfg.out_channels, cfg.conv_out_kernel, "conv_out")(h)
 
 
-def init_abstract(model: UNet2DConditionModel, sample_size: int = 8, context_length: int = 4):
+def _example_inputs(config: UNetConfig, sample_size: int = 8, context_length: int = 4):
+  """(args, kwargs) shapes for `init`: any size works, parameters do not depend on it."""
+  struct = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (struct(1, sample_size, sample_size, config.in_channels), struct(1),
+          struct(1, context_length, config.cross_attention_dim[0]))
+  kwargs = {}
+  if config.addition_embed_type == "text_time":
+    text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    kwargs = dict(text_embeds=struct(1, text_dim), time_ids=struct(1, 6))
+  return args, kwargs
+
+
+def init_abstract(model: UNet2DConditionModel):
   """The params pytree's shapes and dtypes, without allocating or computing anything."""
-  cfg = model.config
-  sample = jax.ShapeDtypeStruct((1, sample_size, sample_size, cfg.in_channels), jnp.float32)
-  context = jax.ShapeDtypeStruct((1, context_length, cfg.cross_attention_dim[0]), jnp.float32)
-  extra = {}
-  if cfg.addition_embed_type == "text_time":
-    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    extra = dict(text_embeds=jax.ShapeDtypeStruct((1, text_dim), jnp.float32),
-                 time_ids=jax.ShapeDtypeStruct((1, 6), jnp.float32))
-  variables = jax.eval_shape(
-      lambda s, c, e: model.init(jax.random.key(0), s, jnp.zeros((1,)), c, **e), sample,
-      context, extra)
-  return variables["params"]
+  args, kwargs = _example_inputs(model.config)
+  return jax.eval_shape(lambda a, k: model.init(jax.random.key(0), *a, **k), args, kwargs)["params"]
+
+
+def init_params(model: UNet2DConditionModel, rng: jax.Array):
+  """Randomly initialised float32 params (flax's default initialisers)."""
+  args, kwargs = _example_inputs(model.config)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (args, kwargs))
+  return jax.jit(lambda a, k: model.init(rng, *a, **k))(*zeros)["params"]

@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each creates .venv,
+# installs what it needs from PyPI, then runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+.PHONY: install install-test demo test
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+# PyTorch is only the tests' oracle: the CPU build first, or pip resolves a multi-GB CUDA one.
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+
+demo: install
+	$(BIN)/python -m dpo_jax.main --workdir workdirs/demo
+
+test: install-test
+	$(BIN)/python -m pytest

@@ -1,0 +1,33 @@
+"""Validation of a run's config before anything is built or compiled.
+
+Each check raises UserError with one line naming the key, the bad value and the fix.
+"""
+import ml_collections
+
+from dpo_jax.errors import UserError
+
+_CHOICES = {
+    ("data", "format"): ("synthetic",),
+    ("dpo", "loss"): ("dpo", "sft"),
+    ("optim", "name"): ("adamw", "adafactor"),
+    ("model", "compute_dtype"): ("float32", "bfloat16"),
+}
+_POSITIVE = (("dpo", "beta"), ("train", "steps"), ("train", "batch_pairs"),
+             ("train", "log_every"), ("train", "ckpt_every"), ("data", "resolution"))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  for (section, key), allowed in _CHOICES.items():
+    value = config[section][key]
+    if value not in allowed:
+      raise UserError(f"{section}.{key}={value!r} is not supported; use one of "
+                      f"{', '.join(allowed)}")
+  for section, key in _POSITIVE:
+    value = config[section][key]
+    if not value > 0:
+      raise UserError(f"{section}.{key} must be > 0, got {value}; set --config.{section}.{key}")
+  if config.optim.peak_lr is not None and config.optim.peak_lr < 0:
+    raise UserError(f"optim.peak_lr must be >= 0, got {config.optim.peak_lr}")
+  if config.data.resolution % 8:
+    raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
+                    "VAE downsamples by 8)")

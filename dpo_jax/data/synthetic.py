@@ -1,0 +1,23 @@
+"""In-memory preference pairs with a learnable preference, for the demo and tests.
+
+Each pair is a function of (seed, pair id) only: the winner's latent has a positive mean in
+channel 0 and the loser's a negative one (the latent analogue of "warm beats cool"), and
+both share a random text context. No files, no encoders.
+"""
+import numpy as np
+
+
+def synthetic_pairs(pair_ids: np.ndarray, *, seed: int, latent_size: int, channels: int,
+                    context_length: int, context_dim: int) -> dict[str, np.ndarray]:
+  """A batch of len(pair_ids) pairs: latents [2B, H, W, C] winners first, context [B, T, D]."""
+  winners, losers, contexts = [], [], []
+  for pair_id in pair_ids:
+    rng = np.random.default_rng([seed, int(pair_id)])
+    shape = (latent_size, latent_size, channels)
+    offset = np.zeros(channels, np.float32)
+    offset[0] = 1.0
+    winners.append(rng.standard_normal(shape, np.float32) + offset)
+    losers.append(rng.standard_normal(shape, np.float32) - offset)
+    contexts.append(rng.standard_normal((context_length, context_dim), np.float32))
+  return {"latents": np.stack(winners + losers), "context": np.stack(contexts),
+          "pair_ids": np.asarray(pair_ids, np.int32)}

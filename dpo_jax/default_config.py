@@ -1,0 +1,59 @@
+"""Every config key dpo_jax reads, with the CPU demo as the embedded default.
+
+`configs/*.py` start from this `get_config()` and override what their run needs, so any key
+here can be set on the command line (`--config.dpo.beta=5000`). Optional values are
+`placeholder`s because ml_collections cannot override a field whose default is plain None.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# A UNet shaped like SD1.5's (cross-attention at the top levels, none at the bottom), small
+# enough to train on a laptop CPU in a minute.
+DEMO_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  # A diffusers pipeline folder or hub id; unset: a random UNet built from `model.unet`.
+  config.model.pretrained = config_dict.placeholder(str)
+  config.model.unet = ml_collections.ConfigDict(DEMO_UNET)
+  config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators.
+  config.model.remat = False
+  config.model.attention_implementation = config_dict.placeholder(str)  # 'xla' | 'cudnn'
+
+  config.data = ml_collections.ConfigDict()
+  # 'synthetic': latent pairs with a learnable preference (winners have a positive mean in
+  # channel 0), made in memory, so the demo needs no files.
+  config.data.format = "synthetic"
+  config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
+  config.data.resolution = 64  # Pixels; latents are resolution / 8.
+  config.data.context_length = 8  # Text tokens of the synthetic conditioning.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 40
+  config.train.batch_pairs = 8  # Global, in pairs.
+  config.train.seed = 0
+  config.train.ckpt_every = 1000
+  config.train.log_every = 4
+
+  config.dpo = ml_collections.ConfigDict()
+  config.dpo.beta = 5000.0  # Paper convention (½ inside the sigmoid).
+  config.dpo.loss = "dpo"  # 'dpo' | 'sft'
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adamw"  # 'adamw' | 'adafactor'
+  # The exact peak learning rate. Real runs unset it (`placeholder(float)`) to derive it from
+  # the paper's recipe, lr_per_pair × pairs per step × 2000/β; the demo's random UNet needs
+  # a larger step to show learning in 40 steps.
+  config.optim.peak_lr = 1e-6
+  config.optim.lr_per_pair = 1e-8
+  config.optim.warmup_steps = 0
+  config.optim.weight_decay = 1e-2
+  config.optim.grad_clip_norm = 1.0
+  return config

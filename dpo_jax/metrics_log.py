@@ -1,0 +1,45 @@
+"""metrics.jsonl, TensorBoard events and the console progress line; process 0 only."""
+import json
+import os
+import time
+
+import jax
+
+
+class MetricsLog:
+
+  def __init__(self, workdir: str, total_steps: int):
+    self._enabled = jax.process_index() == 0
+    self._total = total_steps
+    self._last_time = time.perf_counter()
+    self._last_step = 0
+    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._enabled else None
+    self._tensorboard = None
+    if self._enabled:
+      from tensorboardX import SummaryWriter  # Event files without TensorFlow.
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict, *, lr: float, pairs: int) -> None:
+    """`pairs`: pairs per step, for throughput since the previous write."""
+    now = time.perf_counter()
+    seconds_per_step = max(now - self._last_time, 1e-9) / (step - self._last_step)
+    pairs_per_sec = pairs / seconds_per_step
+    self._last_time, self._last_step = now, step
+    if not self._enabled:
+      return
+    record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "lr": lr,
+              "pairs_per_sec": pairs_per_sec}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    for key, value in record.items():
+      if key != "step":
+        self._tensorboard.add_scalar(key, value, step)
+    eta = seconds_per_step * (self._total - step)
+    print(f"step {step}/{self._total}  loss {record['loss']:.4f}  "
+          f"implicit_acc {record.get('implicit_acc', float('nan')):.3f}  "
+          f"{pairs_per_sec:.1f} pairs/s  eta {eta:.0f}s", flush=True)
+
+  def close(self) -> None:
+    if self._enabled:
+      self._file.close()
+      self._tensorboard.close()

@@ -1,0 +1,30 @@
+"""The optimiser: optax chain and learning-rate schedule from the config's `optim` section."""
+import ml_collections
+import optax
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """`optim.peak_lr` when set; else the paper's recipe, lr per pair × pairs per step, scaled
+  by 2000/β so that the effective step stays constant when β changes ("inverse-β")."""
+  if config.optim.peak_lr is not None:
+    return config.optim.peak_lr
+  return config.optim.lr_per_pair * config.train.batch_pairs * 2000.0 / config.dpo.beta
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then constant (the paper's schedule)."""
+  peak = peak_learning_rate(config)
+  if config.optim.warmup_steps <= 0:
+    return optax.constant_schedule(peak)
+  return optax.linear_schedule(0.0, peak, config.optim.warmup_steps)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(config)
+  if config.optim.name == "adamw":
+    update = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
+  elif config.optim.name == "adafactor":
+    update = optax.adafactor(schedule, weight_decay_rate=config.optim.weight_decay or None)
+  else:
+    raise ValueError(f"optim.name {config.optim.name!r}")  # main validates before this.
+  return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), update)

@@ -1,0 +1,63 @@
+"""The command line end to end: the embedded demo trains, and user mistakes exit 2 in one line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--config.train.steps=6", "--config.train.log_every=3", "--config.data.resolution=32",
+         "--config.train.batch_pairs=4"]
+
+
+def _main(*args, workdir=None):
+  command = [sys.executable, "-m", "dpo_jax.main", *args]
+  if workdir is not None:
+    command.append(f"--workdir={workdir}")
+  return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_demo_trains_and_logs_metrics(tmp_path):
+  result = _main(*SMALL, workdir=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 3, 6]
+  for key in ("loss", "implicit_acc", "reward_margin", "lr", "pairs_per_sec"):
+    assert all(math.isfinite(r[key]) for r in records), key
+  # Step 1 is evaluated before any update, with policy == reference: every pair ties.
+  assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert records[0]["implicit_acc"] == 0.5
+  assert records[-1]["loss"] < records[0]["loss"]
+  assert json.loads((tmp_path / "config.json").read_text())["dpo"]["beta"] == 5000.0
+  assert "step 6/6" in result.stdout
+  assert list((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.dpo.beta=0"], "dpo.beta"),
+    (["--config.optim.name=sgd"], "optim.name"),
+    (["--config.data.resolution=30"], "data.resolution"),
+    (["--config.dpo.betta=1"], "config.dpo.betta is not a config key"),
+    (["--config.train.steps=many"], "train.steps"),
+])
+def test_user_mistakes_end_in_one_line_and_status_2(tmp_path, args, expected):
+  result = _main(*SMALL, *args, workdir=tmp_path)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+def test_missing_config_file_is_a_one_line_error(tmp_path):
+  result = _main("--config=configs/nothere.py", workdir=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: config file configs/nothere.py does not exist; pass --config configs/NAME.py"]
+
+
+def test_missing_workdir_is_a_one_line_error():
+  result = _main()
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: --workdir is required: the folder for checkpoints and metrics"]
