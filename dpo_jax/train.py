@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import diffusion, optim
+from dpo_jax.checkpoint import Checkpointer
 from dpo_jax.data.synthetic import synthetic_pairs
 from dpo_jax.metrics_log import MetricsLog
 from dpo_jax.models import unet_io
@@ -42,12 +43,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                       channels=model.config.in_channels,
                       context_length=config.data.context_length,
                       context_dim=model.config.cross_attention_dim[0])
+  checkpointer = Checkpointer(workdir, every=config.train.ckpt_every)
+  data_state = {"next_pair": 0}
+  start = checkpointer.latest_step() or 0
+  if start:
+    state, data_state = checkpointer.restore(start, state)
+    print(f"resumed from step {start} in {workdir}", flush=True)
   log = MetricsLog(workdir, config.train.steps)
   batch_pairs = config.train.batch_pairs
-  for step in range(config.train.steps):
-    pair_ids = np.arange(step * batch_pairs, (step + 1) * batch_pairs)
+  for step in range(start + 1, config.train.steps + 1):
+    first = data_state["next_pair"]
+    pair_ids = np.arange(first, first + batch_pairs)
     state, metrics = step_fn(state, synthetic_pairs(pair_ids, **data_options))
-    if (step + 1) % config.train.log_every == 0 or step + 1 in (1, config.train.steps):
-      log.write(step + 1, jax.device_get(metrics), lr=float(lr_at(step)), pairs=batch_pairs)
+    data_state = {"next_pair": first + batch_pairs}
+    if step % config.train.log_every == 0 or step in (1, config.train.steps):
+      log.write(step, jax.device_get(metrics), lr=float(lr_at(step - 1)), pairs=batch_pairs)
+    checkpointer.save(step, state, data_state, config.to_dict(),
+                      force=step == config.train.steps)
+  checkpointer.wait()
+  checkpointer.close()
   log.close()
   return state

@@ -1,0 +1,51 @@
+"""Checkpoints in WORKDIR/checkpoints: train state, data position and config, saved together.
+
+Orbax writes asynchronously (training continues while the arrays are written) and atomically
+(a step's folder appears only once complete), keeps the newest `keep` steps, and each host
+writes only its own shards. Restoring takes the newest complete step, so re-running the same
+command resumes where the last run stopped, on the same data.
+"""
+import os
+
+import orbax.checkpoint as ocp
+
+from dpo_jax.errors import UserError
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, every: int, keep: int = 3):
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                           enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                          options=options, item_names=("state", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
+    """Saves when `step` is due (every N) or `force`; returns whether it saved."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              config=ocp.args.JsonSave(config))
+    return self._manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state):
+    """(state, data_state) of `step`, laid out like `abstract_state` (shapes and shardings)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+      where = os.path.join(str(self._manager.directory), str(step))
+      raise UserError(f"checkpoint {where} cannot be restored ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:200]}); it was written by a different model "
+                      "or config: use a new --workdir or delete that step") from None
+    return restored.state, restored.data
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
