@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import tiny_models
 from dpo_jax.errors import UserError
 from dpo_jax.models import clip
 from dpo_jax.models import model_files
@@ -165,12 +165,7 @@ def test_config_defaults_and_projection_dim():
   assert config.vision.patch_size == 32 and config.logit_scale_init_value == 2.6592
 
 
-# A CLIP-style BPE: every byte as itself and as a word end, so any unicode text maps.
-_MERGES = [("p", "h"), ("o", "t"), ("ot", "o</w>"), ("ph", "oto</w>"), ("c", "a"), ("ca", "t</w>")]
-_BYTES = list(bytes_to_unicode().values())
-_VOCAB = {token: i for i, token in enumerate(
-    _BYTES + [b + "</w>" for b in _BYTES] + ["".join(m) for m in _MERGES]
-    + ["<|startoftext|>", "<|endoftext|>"])}
+_MERGES, _VOCAB = tiny_models.CLIP_MERGES, tiny_models.CLIP_VOCAB
 
 
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])

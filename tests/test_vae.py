@@ -14,11 +14,7 @@ import tiny_models
 from dpo_jax.errors import UserError
 from dpo_jax.models import vae
 
-# Shaped like the SD 1.x/2.x/XL VAE: quant convs, mid-block attention, one downsampling level.
-SD_VAE = dict(
-    sample_size=32, in_channels=3, out_channels=3, latent_channels=4,
-    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SD_VAE = tiny_models.SD_VAE
 # The other options: no quant convs and shifted latents (as the SD3/Flux VAE), no mid-block
 # attention, three levels so an odd side appears inside the encoder.
 PLAIN_VAE = dict(

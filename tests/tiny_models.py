@@ -44,3 +44,74 @@ def make_unet(config: dict, seed: int = 0):
   from diffusers import UNet2DConditionModel
   torch.manual_seed(seed)
   return perturb_(UNet2DConditionModel(**config), seed=seed).eval()
+
+
+# Shaped like the SD 1.x/2.x/XL VAE: quant convs, mid-block attention, one downsampling level.
+SD_VAE = dict(
+    sample_size=32, in_channels=3, out_channels=3, latent_channels=4,
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+# A CLIP-style BPE: every byte as itself and as a word end, so any unicode text maps.
+CLIP_MERGES = [("p", "h"), ("o", "t"), ("ot", "o</w>"), ("ph", "oto</w>"), ("c", "a"),
+               ("ca", "t</w>")]
+
+
+def _clip_vocab() -> dict[str, int]:
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  byte_tokens = list(bytes_to_unicode().values())
+  tokens = (byte_tokens + [b + "</w>" for b in byte_tokens] + ["".join(m) for m in CLIP_MERGES]
+            + ["<|startoftext|>", "<|endoftext|>"])
+  return {token: i for i, token in enumerate(tokens)}
+
+
+CLIP_VOCAB = _clip_vocab()  # EOS is the largest id, as in the real CLIP vocabulary.
+
+
+def make_clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77):
+  """SD 1.x pads with EOS; SD 2.x and SDXL's second tokenizer pad with '!'."""
+  import transformers
+  return transformers.CLIPTokenizer(vocab=CLIP_VOCAB, merges=CLIP_MERGES, pad_token=pad_token,
+                                    model_max_length=model_max_length)
+
+
+def make_text_encoder(kind: str = "CLIPTextModel", seed: int = 0, **config):
+  """A tiny CLIPTextModel(WithProjection) over CLIP_VOCAB, 77 positions like the real ones."""
+  import transformers
+  defaults = dict(vocab_size=len(CLIP_VOCAB), hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                  bos_token_id=CLIP_VOCAB["<|startoftext|>"], eos_token_id=2, pad_token_id=1)
+  torch.manual_seed(seed)
+  model = getattr(transformers, kind)(transformers.CLIPTextConfig(**{**defaults, **config}))
+  return perturb_(model, seed=seed).eval()
+
+
+def make_vae(config: dict = SD_VAE, seed: int = 0):
+  from diffusers import AutoencoderKL
+  torch.manual_seed(seed)
+  return perturb_(AutoencoderKL(**config), seed=seed).eval()
+
+
+def make_pipeline(kind: str):
+  """A tiny random StableDiffusionPipeline ('sd', SD1.5-shaped) or StableDiffusionXLPipeline
+  ('sdxl'), with the schedulers and tokenizer padding of the real releases."""
+  import diffusers
+  schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  steps_offset=1)
+  if kind == "sd":
+    return diffusers.StableDiffusionPipeline(
+        unet=make_unet(SD15_UNET), vae=make_vae(), text_encoder=make_text_encoder(seed=1),
+        tokenizer=make_clip_tokenizer(),
+        scheduler=diffusers.PNDMScheduler(**schedule, skip_prk_steps=True,
+                                          set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  # Encoder 1 pools by the legacy 'largest id' rule (eos_token_id=2, as the hub configs),
+  # encoder 2 by the first EOS; their widths add up to the UNet's cross_attention_dim.
+  text_encoder_2 = make_text_encoder(
+      "CLIPTextModelWithProjection", seed=2, hidden_act="gelu",
+      projection_dim=SDXL_TEXT_EMBED_DIM, eos_token_id=CLIP_VOCAB["<|endoftext|>"])
+  return diffusers.StableDiffusionXLPipeline(
+      unet=make_unet(SDXL_UNET), vae=make_vae(dict(SD_VAE, scaling_factor=0.13025)),
+      text_encoder=make_text_encoder(seed=1), text_encoder_2=text_encoder_2,
+      tokenizer=make_clip_tokenizer(), tokenizer_2=make_clip_tokenizer(pad_token="!"),
+      scheduler=diffusers.EulerDiscreteScheduler(**schedule, timestep_spacing="leading"))

@@ -14,10 +14,13 @@ def load_tokenizer(folder: str) -> transformers.CLIPTokenizer:
   The folder's tokenizer_config.json / special_tokens_map.json are honoured: SD 2.x and SDXL's
   second tokenizer pad with '!' rather than the EOS token, and the text encoders saw that.
   """
-  for name in ("vocab.json", "merges.txt"):
-    if not os.path.isfile(os.path.join(folder, name)):
-      raise UserError(f"{folder} has no {name}; point at a CLIP tokenizer folder (the "
-                      "'tokenizer' or 'tokenizer_2' folder of a diffusers pipeline)")
+  has = lambda name: os.path.isfile(os.path.join(folder, name))
+  # Hub folders hold vocab.json + merges.txt; pipelines saved with transformers >= 5 hold
+  # only tokenizer.json, which has both inside.
+  if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+    raise UserError(f"{folder} has no tokenizer.json or vocab.json + merges.txt; point at a "
+                    "CLIP tokenizer folder (the 'tokenizer' or 'tokenizer_2' folder of a "
+                    "diffusers pipeline)")
   return transformers.CLIPTokenizer.from_pretrained(folder)
 
 
