@@ -11,6 +11,7 @@ _CHOICES = {
     ("dpo", "loss"): ("dpo", "sft"),
     ("optim", "name"): ("adamw", "adafactor"),
     ("model", "compute_dtype"): ("float32", "bfloat16"),
+    ("model", "reference_dtype"): ("float32", "bfloat16"),
 }
 _POSITIVE = (("dpo", "beta"), ("train", "steps"), ("train", "batch_pairs"),
              ("train", "log_every"), ("train", "ckpt_every"), ("data", "resolution"))

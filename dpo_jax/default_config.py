@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.pretrained = config_dict.placeholder(str)
   config.model.unet = ml_collections.ConfigDict(DEMO_UNET)
   config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators.
+  config.model.reference_dtype = "float32"  # 'bfloat16' halves the frozen copy's memory.
   config.model.remat = False
   config.model.attention_implementation = config_dict.placeholder(str)  # 'xla' | 'cudnn'
 
@@ -41,6 +42,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.seed = 0
   config.train.ckpt_every = 1000
   config.train.log_every = 4
+
+  # Devices form a ('data', 'fsdp') mesh; -1 takes what the other axis leaves. Params and
+  # optimizer state are sharded over 'fsdp' (keep it within one host's NVLink/ICI domain).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.min_shard_size = 2**18  # Arrays with fewer elements are replicated, not sharded.
+
+  # Multi-host: SLURM, Open MPI and TPU pod launches are detected; set these for a run
+  # started by hand on several machines (see launch/).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = config_dict.placeholder(str)
+  config.distributed.num_processes = config_dict.placeholder(int)
+  config.distributed.process_id = config_dict.placeholder(int)
+  config.distributed.multi_process = config_dict.placeholder(bool)
 
   config.dpo = ml_collections.ConfigDict()
   config.dpo.beta = 5000.0  # Paper convention (½ inside the sigmoid).

@@ -60,8 +60,9 @@ def _train(config, workdir: str | None, argv: list[str]) -> None:
     raise UserError(f"config file {config_file} does not exist; pass --config configs/NAME.py")
   if not workdir:
     raise UserError("--workdir is required: the folder for checkpoints and metrics")
-  from dpo_jax import config_checks, train  # After flag parsing: JAX starts up slowly.
+  from dpo_jax import config_checks, parallel, train  # After flag parsing: JAX is slow to load.
   config_checks.check_config(config)
+  parallel.initialize_distributed(config)
   train.train(config, workdir)
 
 

@@ -29,24 +29,33 @@ def pair_noise(seed: int, pair_ids: jax.Array, latent_shape: tuple[int, ...],
 
 
 def make_train_step(model, schedule: diffusion.NoiseSchedule, optimizer: optax.GradientTransformation,
-                    *, beta: float, loss_name: str, seed: int) -> Callable:
-  """`step(state, batch) -> (state, metrics)`; batch holds latents [2B,H,W,C] (winners first),
-  context [B,T,D] and pair_ids [B]."""
+                    *, beta: float, loss_name: str, seed: int, state_shardings,
+                    batch_sharding: jax.sharding.NamedSharding) -> Callable:
+  """`step(state, batch) -> (state, metrics)`, jitted with the given shardings.
+
+  The batch keeps pairs on its leading axis (latents [B, 2, H, W, C] with the winner at index
+  0 of axis 1, context [B, T, D], pair_ids [B]) so that each device holds whole pairs and the
+  flattening to 2B samples (w0, l0, w1, l1, ...) moves no data between devices.
+  """
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
-    latents = batch["latents"]
+    pairs = batch["latents"].shape[0]
+    latents = batch["latents"].reshape(2 * pairs, *batch["latents"].shape[2:])
     timesteps, noise = pair_noise(seed, batch["pair_ids"], latents.shape[1:],
                                   schedule.num_train_timesteps)
     # Winner and loser of a pair share (t, ε) and the prompt.
-    timesteps, noise = jnp.concatenate([timesteps] * 2), jnp.concatenate([noise] * 2)
-    context = jnp.concatenate([batch["context"]] * 2)
+    timesteps, noise, context = (jnp.repeat(x, 2, axis=0)
+                                 for x in (timesteps, noise, batch["context"]))
+    # The loss wants winners first; reordering a [2B] vector costs nothing.
+    winners_first = lambda errors: errors.reshape(pairs, 2).T.reshape(-1)
     noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
     target = diffusion.training_target(schedule, latents, noise, timesteps)
     predict = lambda params: model.apply({"params": params}, noisy, timesteps, context)
-    reference_errors = losses.per_sample_error(predict(state.reference_params), target)
+    reference_errors = winners_first(
+        losses.per_sample_error(predict(state.reference_params), target))
 
     def loss_fn(params):
-      policy_errors = losses.per_sample_error(predict(params), target)
+      policy_errors = winners_first(losses.per_sample_error(predict(params), target))
       if loss_name == "sft":
         return losses.sft_loss(policy_errors)
       return losses.dpo_loss(policy_errors, reference_errors, beta)
@@ -57,4 +66,8 @@ def make_train_step(model, schedule: diffusion.NoiseSchedule, optimizer: optax.G
     metrics["grad_norm"] = optax.global_norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(step, donate_argnums=0)
+  # Fixed output shardings keep the state's layout step after step, so the donated buffers
+  # are reused in place and the step never recompiles.
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)

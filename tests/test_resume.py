@@ -23,7 +23,8 @@ class Killed(Exception):
 
 
 def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypatch):
-  uninterrupted = train.train(_config(), str(tmp_path / "a"))
+  one_device = jax.devices()[:1]
+  uninterrupted = train.train(_config(), str(tmp_path / "a"), one_device)
 
   # Saves are made synchronous so the "kill" cannot race the step-3 save; a save that a real
   # kill interrupts never becomes visible (orbax commits atomically).
@@ -40,9 +41,9 @@ def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypa
     return real_pairs(pair_ids, **options)
   monkeypatch.setattr(train, "synthetic_pairs", pairs_until_step_5)
   with pytest.raises(Killed):
-    train.train(_config(), str(tmp_path / "b"))
+    train.train(_config(), str(tmp_path / "b"), one_device)
   monkeypatch.setattr(train, "synthetic_pairs", real_pairs)
-  resumed = train.train(_config(), str(tmp_path / "b"))
+  resumed = train.train(_config(), str(tmp_path / "b"), one_device)
 
   assert int(resumed.step) == int(uninterrupted.step) == 6
   for a, b in zip(jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(resumed)):

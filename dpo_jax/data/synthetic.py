@@ -9,7 +9,7 @@ import numpy as np
 
 def synthetic_pairs(pair_ids: np.ndarray, *, seed: int, latent_size: int, channels: int,
                     context_length: int, context_dim: int) -> dict[str, np.ndarray]:
-  """A batch of len(pair_ids) pairs: latents [2B, H, W, C] winners first, context [B, T, D]."""
+  """A batch of B=len(pair_ids) pairs: latents [B, 2, H, W, C] (winner, loser), context [B, T, D]."""
   winners, losers, contexts = [], [], []
   for pair_id in pair_ids:
     rng = np.random.default_rng([seed, int(pair_id)])
@@ -19,5 +19,6 @@ def synthetic_pairs(pair_ids: np.ndarray, *, seed: int, latent_size: int, channe
     winners.append(rng.standard_normal(shape, np.float32) + offset)
     losers.append(rng.standard_normal(shape, np.float32) - offset)
     contexts.append(rng.standard_normal((context_length, context_dim), np.float32))
-  return {"latents": np.stack(winners + losers), "context": np.stack(contexts),
+  return {"latents": np.stack([np.stack(winners), np.stack(losers)], axis=1),
+          "context": np.stack(contexts),
           "pair_ids": np.asarray(pair_ids, np.int32)}
