@@ -13,7 +13,7 @@ _CHOICES = {
     ("model", "compute_dtype"): ("float32", "bfloat16"),
     ("model", "reference_dtype"): ("float32", "bfloat16"),
 }
-_POSITIVE = (("dpo", "beta"), ("train", "steps"), ("train", "batch_pairs"),
+_POSITIVE = (("dpo", "beta"), ("train", "steps"), ("train", "batch_pairs"), ("train", "grad_accum"),
              ("train", "log_every"), ("train", "ckpt_every"), ("data", "resolution"))
 
 

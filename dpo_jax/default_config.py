@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # A diffusers pipeline folder or hub id; unset: a random UNet built from `model.unet`.
   config.model.pretrained = config_dict.placeholder(str)
   config.model.unet = ml_collections.ConfigDict(DEMO_UNET)
+  config.model.variant = config_dict.placeholder(str)  # e.g. 'fp16' for *.fp16.safetensors.
   config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators.
   config.model.reference_dtype = "float32"  # 'bfloat16' halves the frozen copy's memory.
   config.model.remat = False
@@ -38,7 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 40
-  config.train.batch_pairs = 8  # Global, in pairs.
+  config.train.batch_pairs = 8  # Global, in pairs, per optimiser step.
+  # Split each step's batch into this many sequential microbatches (gradients averaged):
+  # the paper's 2048 pairs per step on 16 GPUs is batch_pairs=2048, grad_accum=128.
+  config.train.grad_accum = 1
   config.train.seed = 0
   config.train.ckpt_every = 1000
   config.train.log_every = 4

@@ -24,7 +24,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if config.optim.name == "adamw":
     update = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
   elif config.optim.name == "adafactor":
-    update = optax.adafactor(schedule, weight_decay_rate=config.optim.weight_decay or None)
+    # The official code's transformers.Adafactor(scale_parameter=False, relative_step=False):
+    # the step is lr × the RMS-clipped update (optax.adafactor's default would also scale it by
+    # each weight's RMS) and weight decay is lr × wd × p (optax's weight_decay_rate is not scaled
+    # by lr: 1e-2 would shrink every weight by 1% per step).
+    update = optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+                         optax.add_decayed_weights(config.optim.weight_decay),
+                         optax.scale_by_learning_rate(schedule))
   else:
     raise ValueError(f"optim.name {config.optim.name!r}")  # main validates before this.
   return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), update)

@@ -1,37 +1,73 @@
-"""The training loop: build model, data and optimiser from the config, step, log."""
+"""The training loop: build model, data and optimiser from the config, step, log, checkpoint."""
+import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from dpo_jax import diffusion, optim, parallel
 from dpo_jax.checkpoint import Checkpointer
-from dpo_jax.data.synthetic import synthetic_pairs
+from dpo_jax.data import synthetic
+from dpo_jax.errors import UserError
 from dpo_jax.metrics_log import MetricsLog
-from dpo_jax.models import unet_io
+from dpo_jax.models import pipeline as pipeline_lib, unet_io
 from dpo_jax.models.unet import init_params
-from dpo_jax.train_step import TrainState, make_train_step
+from dpo_jax.train_step import Encoders, TrainState, make_train_step
 
-# The SD1.x/2.x training schedule; a pretrained pipeline brings its own scheduler config.
+# The SD1.x/2.x training schedule, for random-init runs; a pipeline brings its own.
 DEFAULT_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                      "num_train_timesteps": 1000, "prediction_type": "epsilon"}
 
 
-def _build_model(config: ml_collections.ConfigDict):
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """Everything the run needs from `model.*`: the UNet, its starting params, the noise
+  schedule, and (from a pipeline) the frozen encoders with their params and tokenizers."""
+  unet: Any
+  initial_params: Any
+  schedule: diffusion.NoiseSchedule
+  encoders: Encoders | None = None
+  frozen_params: Any = None
+  tokenizers: tuple = ()
+
+
+def load_models(config: ml_collections.ConfigDict) -> Models:
   options = dict(dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
                  attention_implementation=config.model.attention_implementation)
-  return unet_io.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
+  if config.model.pretrained is None:
+    unet = unet_io.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
+    return Models(unet, init_params(unet, jax.random.key(config.train.seed)),
+                  diffusion.NoiseSchedule.from_scheduler_config(DEFAULT_SCHEDULER))
+  pipe = pipeline_lib.load_pipeline(config.model.pretrained, variant=config.model.variant,
+                                    **options)
+  encoders = Encoders(pipe.kind, pipe.vae, tuple(module for module, _ in pipe.text_encoders))
+  frozen = {"vae": pipe.vae_params,
+            "text_encoders": tuple(params for _, params in pipe.text_encoders)}
+  return Models(pipe.unet, pipe.unet_params, pipe.noise_schedule, encoders, frozen,
+                pipe.tokenizers)
 
 
-def _initial_state(model, optimizer, config: ml_collections.ConfigDict) -> TrainState:
-  params = init_params(model, jax.random.key(config.train.seed))
+def _initial_state(models: Models, optimizer, config: ml_collections.ConfigDict) -> TrainState:
+  params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), models.initial_params)
   reference_dtype = jnp.dtype(config.model.reference_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     reference_params=jax.tree_util.tree_map(
                         lambda p: p.astype(reference_dtype), params),
                     opt_state=optimizer.init(params))
+
+
+def make_data_iterator(config: ml_collections.ConfigDict, models: Models):
+  """Host-local batches of this process's share of `train.batch_pairs`, with get/set_state."""
+  host_slice = parallel.host_slice(config.train.batch_pairs)
+  if config.data.format == "synthetic":
+    return synthetic.SyntheticIterator(
+        batch_pairs=config.train.batch_pairs, host_slice=host_slice, seed=config.train.seed,
+        latent_size=config.data.resolution // 8, channels=models.unet.config.in_channels,
+        context_length=config.data.context_length,
+        context_dim=models.unet.config.cross_attention_dim[0])
+  raise ValueError(f"data.format {config.data.format!r}")  # config_checks refuses it first.
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
@@ -44,39 +80,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     f.write(config.to_json_best_effort(indent=2))
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   parallel.check_batch(config.train.batch_pairs, mesh)
-  model = _build_model(config)
-  schedule = diffusion.NoiseSchedule.from_scheduler_config(DEFAULT_SCHEDULER)
+  if config.train.batch_pairs % (config.train.grad_accum * mesh.size):
+    raise UserError(f"train.batch_pairs={config.train.batch_pairs} must be a multiple of "
+                    f"train.grad_accum x devices = {config.train.grad_accum} x {mesh.size}; "
+                    "change one of them")
+  models = load_models(config)
   optimizer = optim.make_optimizer(config)
-  make_state = lambda: _initial_state(model, optimizer, config)
-  state_shardings = parallel.state_shardings(jax.eval_shape(make_state), mesh,
-                                             config.mesh.min_shard_size)
+  shardings = lambda tree: parallel.state_shardings(tree, mesh, config.mesh.min_shard_size)
+  make_state = lambda: _initial_state(models, optimizer, config)
+  state_shardings = shardings(jax.eval_shape(make_state))
   state = jax.jit(make_state, out_shardings=state_shardings)()  # Born sharded, never whole.
+  frozen_shardings = shardings(models.frozen_params)
+  frozen = jax.device_put(models.frozen_params, frozen_shardings)
   batch_sharding = parallel.batch_sharding(mesh)
-  step_fn = make_train_step(model, schedule, optimizer, beta=config.dpo.beta,
-                            loss_name=config.dpo.loss, seed=config.train.seed,
-                            state_shardings=state_shardings, batch_sharding=batch_sharding)
-  lr_at = optim.learning_rate_schedule(config)
-  data_options = dict(seed=config.train.seed, latent_size=config.data.resolution // 8,
-                      channels=model.config.in_channels,
-                      context_length=config.data.context_length,
-                      context_dim=model.config.cross_attention_dim[0])
+  step_fn = make_train_step(
+      models.unet, models.schedule, optimizer, beta=config.dpo.beta, loss_name=config.dpo.loss,
+      seed=config.train.seed, grad_accum=config.train.grad_accum, encoders=models.encoders,
+      state_shardings=state_shardings, frozen_shardings=frozen_shardings,
+      batch_sharding=batch_sharding)
+  data = make_data_iterator(config, models)
+
   checkpointer = Checkpointer(workdir, every=config.train.ckpt_every)
-  data_state = {"next_pair": 0}
   start = checkpointer.latest_step() or 0
   if start:
     state, data_state = checkpointer.restore(start, state)
+    data.set_state(data_state)
     print(f"resumed from step {start} in {workdir}", flush=True)
+  lr_at = optim.learning_rate_schedule(config)
   log = MetricsLog(workdir, config.train.steps)
-  batch_pairs = config.train.batch_pairs
   for step in range(start + 1, config.train.steps + 1):
-    first = data_state["next_pair"]
-    pair_ids = np.arange(first, first + batch_pairs)[parallel.host_slice(batch_pairs)]
-    batch = parallel.host_to_global(synthetic_pairs(pair_ids, **data_options), batch_sharding)
-    state, metrics = step_fn(state, batch)
-    data_state = {"next_pair": first + batch_pairs}
+    state, metrics = step_fn(state, frozen, parallel.host_to_global(next(data), batch_sharding))
     if step % config.train.log_every == 0 or step in (1, config.train.steps):
-      log.write(step, jax.device_get(metrics), lr=float(lr_at(step - 1)), pairs=batch_pairs)
-    checkpointer.save(step, state, data_state, config.to_dict(),
+      log.write(step, jax.device_get(metrics), lr=float(lr_at(step - 1)),
+                pairs=config.train.batch_pairs)
+    checkpointer.save(step, state, data.get_state(), config.to_dict(),
                       force=step == config.train.steps)
   checkpointer.wait()
   checkpointer.close()

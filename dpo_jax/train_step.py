@@ -1,4 +1,5 @@
-"""The jitted Diffusion-DPO update: one function of (state, batch), state donated."""
+"""The jitted Diffusion-DPO update: one function of (state, frozen, batch), state donated."""
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -6,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import diffusion, loss as losses
+from dpo_jax import diffusion, encode, loss as losses
+from dpo_jax.models import vae as vae_lib
 
 
 @flax.struct.dataclass
@@ -17,50 +19,118 @@ class TrainState:
   opt_state: Any
 
 
-def pair_noise(seed: int, pair_ids: jax.Array, latent_shape: tuple[int, ...],
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+  """The frozen modules that turn pixels and token ids into UNet inputs (static in the jit);
+  their params travel separately, as the step's `frozen` argument."""
+  kind: str  # 'sd' or 'sdxl'.
+  vae: vae_lib.AutoencoderKL
+  text_encoders: tuple  # Modules, model_index order.
+
+
+def pair_keys(seed: int, epochs: jax.Array, pair_ids: jax.Array) -> jax.Array:
+  """One key per pair folded from (seed, epoch, pair id): independent of the step, the device
+  count and the batch layout, so runs are reproducible across all of them."""
+  fold = lambda epoch, pair: jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(seed), epoch), pair)
+  return jax.vmap(fold)(epochs, pair_ids)
+
+
+def pair_noise(keys: jax.Array, latent_shape: tuple[int, ...],
                num_train_timesteps: int) -> tuple[jax.Array, jax.Array]:
-  """One (t, ε) per pair from a key folded from (seed, pair id): independent of the step,
-  the device count and the batch layout, so runs are reproducible across all of them."""
-  def draw(pair_id):
-    key_t, key_noise = jax.random.split(jax.random.fold_in(jax.random.key(seed), pair_id))
+  """(t, ε) per pair, shared by its winner and loser."""
+  def draw(key):
+    key_t, key_noise = jax.random.split(jax.random.fold_in(key, 0))
     t = jax.random.randint(key_t, (), 0, num_train_timesteps)
     return t, jax.random.normal(key_noise, latent_shape, jnp.float32)
-  return jax.vmap(draw)(pair_ids)
+  return jax.vmap(draw)(keys)
+
+
+def _encode_pixels(encoders: Encoders, frozen, batch, keys):
+  """Pixels [B, 2, R, R, 3] and token ids -> latents [B, 2, h, w, C], context, added conds."""
+  pairs, _, height, width, _ = batch["pixels"].shape
+  images = batch["pixels"].reshape(2 * pairs, height, width, 3)
+  mean, logvar = encoders.vae.apply({"params": frozen["vae"]}, images, method="encode")
+  # Each image draws its own posterior sample, as the official code's latent_dist.sample().
+  image_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 1)))(keys).reshape(-1)
+  noise = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32))(image_keys, mean)
+  latents = vae_lib.to_model_latents(mean + jnp.exp(0.5 * logvar) * noise, encoders.vae.config)
+  token_ids = [batch[f"input_ids_{i}"] for i in range(len(encoders.text_encoders))]
+  prompt_encoders = encode.PromptEncoders(
+      encoders.kind, tuple(zip(encoders.text_encoders, frozen["text_encoders"])))
+  context, pooled = encode.encode_prompts(prompt_encoders, token_ids)
+  added = {}
+  if encoders.kind == "sdxl":
+    time_ids = encode.sdxl_time_ids(batch["original_size"].reshape(-1, 2),
+                                    batch["crop_top_left"].reshape(-1, 2), (height, width))
+    added = {"text_embeds": jnp.repeat(pooled, 2, axis=0), "time_ids": time_ids}
+  latents = jax.lax.stop_gradient(latents.reshape(pairs, 2, *latents.shape[1:]))
+  return latents, jax.lax.stop_gradient(context), jax.lax.stop_gradient(added)
 
 
 def make_train_step(model, schedule: diffusion.NoiseSchedule, optimizer: optax.GradientTransformation,
-                    *, beta: float, loss_name: str, seed: int, state_shardings,
+                    *, beta: float, loss_name: str, seed: int, grad_accum: int = 1,
+                    encoders: Encoders | None = None, state_shardings, frozen_shardings=None,
                     batch_sharding: jax.sharding.NamedSharding) -> Callable:
-  """`step(state, batch) -> (state, metrics)`, jitted with the given shardings.
+  """`step(state, frozen, batch) -> (state, metrics)`, jitted with the given shardings.
 
-  The batch keeps pairs on its leading axis (latents [B, 2, H, W, C] with the winner at index
-  0 of axis 1, context [B, T, D], pair_ids [B]) so that each device holds whole pairs and the
-  flattening to 2B samples (w0, l0, w1, l1, ...) moves no data between devices.
+  The batch keeps pairs on its leading axis so that each device holds whole pairs: either
+  `pixels` [B, 2, R, R, 3] (winner at index 0 of axis 1) with `input_ids_{i}` [B, L] per text
+  encoder (and SDXL's `original_size`, `crop_top_left` [B, 2, 2]), encoded in the step by the
+  frozen `encoders`; or ready `latents` [B, 2, h, w, C] and `context` [B, T, D]. `pair_ids`
+  (and optional `epochs`) [B] seed each pair's randomness. `frozen` holds the encoders'
+  params ({'vae', 'text_encoders'}); None without encoders.
   """
 
-  def step(state: TrainState, batch) -> tuple[TrainState, dict]:
-    pairs = batch["latents"].shape[0]
-    latents = batch["latents"].reshape(2 * pairs, *batch["latents"].shape[2:])
-    timesteps, noise = pair_noise(seed, batch["pair_ids"], latents.shape[1:],
-                                  schedule.num_train_timesteps)
-    # Winner and loser of a pair share (t, ε) and the prompt.
-    timesteps, noise, context = (jnp.repeat(x, 2, axis=0)
-                                 for x in (timesteps, noise, batch["context"]))
-    # The loss wants winners first; reordering a [2B] vector costs nothing.
-    winners_first = lambda errors: errors.reshape(pairs, 2).T.reshape(-1)
+  def pair_gradients(params, reference_params, frozen, batch):
+    pairs = batch["pair_ids"].shape[0]
+    epochs = batch.get("epochs", jnp.zeros_like(batch["pair_ids"]))
+    keys = pair_keys(seed, epochs, batch["pair_ids"])
+    if "pixels" in batch:
+      latents, context, added = _encode_pixels(encoders, frozen, batch, keys)
+    else:
+      latents, context, added = batch["latents"], batch["context"], {}
+    # [B, 2, ...] -> [2B, ...] interleaves w0, l0, w1, l1 without moving data between devices.
+    latents = latents.reshape(2 * pairs, *latents.shape[2:])
+    timesteps, noise = pair_noise(keys, latents.shape[1:], schedule.num_train_timesteps)
+    timesteps, noise, context = (jnp.repeat(x, 2, axis=0) for x in (timesteps, noise, context))
     noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
     target = diffusion.training_target(schedule, latents, noise, timesteps)
-    predict = lambda params: model.apply({"params": params}, noisy, timesteps, context)
-    reference_errors = winners_first(
-        losses.per_sample_error(predict(state.reference_params), target))
+    predict = lambda p: model.apply({"params": p}, noisy, timesteps, context, **added)
+    # The loss wants winners first; reordering a [2B] vector costs nothing.
+    errors = lambda p: losses.per_sample_error(predict(p), target).reshape(pairs, 2).T.reshape(-1)
+    reference_errors = errors(reference_params)
 
-    def loss_fn(params):
-      policy_errors = winners_first(losses.per_sample_error(predict(params), target))
+    def loss_fn(p):
       if loss_name == "sft":
-        return losses.sft_loss(policy_errors)
-      return losses.dpo_loss(policy_errors, reference_errors, beta)
+        return losses.sft_loss(errors(p))
+      return losses.dpo_loss(errors(p), reference_errors, beta)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, metrics
+
+  def accumulated_gradients(state: TrainState, frozen, batch):
+    if grad_accum == 1:
+      return pair_gradients(state.params, state.reference_params, frozen, batch)
+    # Microbatch k takes every grad_accum-th pair: [B] -> [B/k, k] -> [k, B/k] keeps each
+    # device's pairs on that device, so every microbatch uses all devices.
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0] // grad_accum, grad_accum,
+                                             *x.shape[1:]), 1, 0)
+    micro = jax.tree_util.tree_map(split, batch)
+
+    def add(total, microbatch):
+      grads, metrics = pair_gradients(state.params, state.reference_params, frozen, microbatch)
+      return jax.tree_util.tree_map(jnp.add, total, (grads, metrics)), None
+
+    zeros = jax.eval_shape(lambda: pair_gradients(state.params, state.reference_params, frozen,
+                                                  jax.tree_util.tree_map(lambda x: x[0], micro)))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    total, _ = jax.lax.scan(add, zeros, micro)
+    # Mean over microbatches = the gradient and metrics of the whole batch (equal sizes).
+    return jax.tree_util.tree_map(lambda x: x / grad_accum, total)
+
+  def step(state: TrainState, frozen, batch) -> tuple[TrainState, dict]:
+    grads, metrics = accumulated_gradients(state, frozen, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -69,5 +139,5 @@ def make_train_step(model, schedule: diffusion.NoiseSchedule, optimizer: optax.G
   # Fixed output shardings keep the state's layout step after step, so the donated buffers
   # are reused in place and the step never recompiles.
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+  return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import checkpoint, default_config, train
+from dpo_jax.data import synthetic
 
 
 def _config():
@@ -34,15 +35,15 @@ def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypa
     self.wait()
     return saved
   monkeypatch.setattr(checkpoint.Checkpointer, "save", save_and_wait)
-  real_pairs = train.synthetic_pairs
+  real_pairs = synthetic.synthetic_pairs
   def pairs_until_step_5(pair_ids, **options):
     if pair_ids[0] >= 4 * 2:  # Step 5's pairs: the process dies after step 4.
       raise Killed
     return real_pairs(pair_ids, **options)
-  monkeypatch.setattr(train, "synthetic_pairs", pairs_until_step_5)
+  monkeypatch.setattr(synthetic, "synthetic_pairs", pairs_until_step_5)
   with pytest.raises(Killed):
     train.train(_config(), str(tmp_path / "b"), one_device)
-  monkeypatch.setattr(train, "synthetic_pairs", real_pairs)
+  monkeypatch.setattr(synthetic, "synthetic_pairs", real_pairs)
   resumed = train.train(_config(), str(tmp_path / "b"), one_device)
 
   assert int(resumed.step) == int(uninterrupted.step) == 6

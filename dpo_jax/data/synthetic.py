@@ -22,3 +22,22 @@ def synthetic_pairs(pair_ids: np.ndarray, *, seed: int, latent_size: int, channe
   return {"latents": np.stack([np.stack(winners), np.stack(losers)], axis=1),
           "context": np.stack(contexts),
           "pair_ids": np.asarray(pair_ids, np.int32)}
+
+
+class SyntheticIterator:
+  """Consecutive batches of `synthetic_pairs`; its whole state is the next pair id."""
+
+  def __init__(self, *, batch_pairs: int, host_slice: slice, **options):
+    self._batch_pairs, self._host_slice, self._options = batch_pairs, host_slice, options
+    self._next_pair = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    pair_ids = np.arange(self._next_pair, self._next_pair + self._batch_pairs)
+    self._next_pair += self._batch_pairs
+    return synthetic_pairs(pair_ids[self._host_slice], **self._options)
+
+  def get_state(self) -> dict:
+    return {"next_pair": self._next_pair}
+
+  def set_state(self, state: dict) -> None:
+    self._next_pair = state["next_pair"]

@@ -1,0 +1,137 @@
+"""Pick-a-Pic (v1/v2) parquet shards, as published, as a random-access source of preference pairs.
+
+Rows are addressed by a global index over the files in order. At start-up only the label
+columns are read, to index the decisive rows (the official code drops ties, label_0 = 0.5);
+image bytes are read on demand, one row group at a time, through a small per-process LRU.
+
+Cost: a row group is the smallest unit pyarrow reads, and a shuffled epoch touches a different
+one for nearly every pair, so each pair costs a whole group's bytes (the cache only helps
+in-order reads). For long runs the latent cache, or shards rewritten with a few rows per row
+group, remove that amplification.
+"""
+import collections
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import logging
+
+from dpo_jax.data import files as files_lib
+from dpo_jax.errors import UserError
+
+LABEL_COLUMNS = ("label_0", "label_1")
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1")
+
+
+def _read_metadata(path: str) -> pq.FileMetaData:
+  try:
+    metadata = pq.read_metadata(path)
+  except (pa.ArrowInvalid, OSError):
+    raise UserError(f"{path} is not a readable parquet file; point data.train_files at the "
+                    "Pick-a-Pic parquet shards") from None
+  missing = [c for c in LABEL_COLUMNS + PAIR_COLUMNS if c not in metadata.schema.names]
+  if missing:
+    raise UserError(f"{path} lacks the Pick-a-Pic column(s) {', '.join(missing)}; use the "
+                    "published shards or files with the same columns")
+  return metadata
+
+
+def _decisive_rows(path: str, metadata: pq.FileMetaData) -> tuple[np.ndarray, np.ndarray]:
+  """(row numbers, winner side 0/1) of the rows with a strict preference; ties are dropped."""
+  columns = list(LABEL_COLUMNS) + (["has_label"] if "has_label" in metadata.schema.names else [])
+  with pq.ParquetFile(path, metadata=metadata) as file:
+    table = file.read(columns=columns)
+  # Nulls become NaN (labels) or False (has_label) and so fail the test below.
+  label_0 = table["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
+  label_1 = table["label_1"].to_numpy(zero_copy_only=False).astype(np.float64)
+  keep = ((label_0 == 0) | (label_0 == 1)) & (label_1 == 1 - label_0)
+  if "has_label" in columns:
+    keep &= table["has_label"].fill_null(False).to_numpy(zero_copy_only=False)
+  rows = np.flatnonzero(keep)
+  return rows, (label_0[rows] == 0).astype(np.int8)
+
+
+class PickapicSource:
+  """A grain `RandomAccessDataSource`: pair id -> {caption, winner, loser (JPEG bytes), pair_ids}.
+
+  Pair ids number the decisive rows in file order, so they are the same on every host.
+  Thread-safe (grain reads with a thread pool) and picklable (grain workers): handles and the
+  cache are per process.
+  """
+
+  def __init__(self, train_files: str | Sequence[str], cache_row_groups: int = 4):
+    self._paths = (files_lib.expand_files(train_files) if isinstance(train_files, str)
+                   else list(train_files))
+    self._metadata = [_read_metadata(path) for path in self._paths]
+    group_rows = [[m.row_group(g).num_rows for g in range(m.num_row_groups)]
+                  for m in self._metadata]
+    # Global first row of every row group, and which (file, group) it is.
+    sizes = [n for groups in group_rows for n in groups]
+    self._group_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    self._group_address = [(f, g) for f, groups in enumerate(group_rows)
+                           for g in range(len(groups))]
+    file_starts = np.concatenate([[0], np.cumsum([m.num_rows for m in self._metadata])])
+    rows, winners = zip(*(_decisive_rows(p, m) for p, m in zip(self._paths, self._metadata)))
+    self._rows = np.concatenate([r + s for r, s in zip(rows, file_starts)]).astype(np.int64)
+    self._winners = np.concatenate(winners)
+    self.num_rows = int(file_starts[-1])
+    self.num_dropped = self.num_rows - len(self._rows)  # Ties (and unlabeled rows).
+    if not len(self._rows):
+      raise UserError(f"data.train_files: the {len(self._paths)} file(s) hold no pair with a "
+                      "winner (all ties or unlabeled); point at the Pick-a-Pic train shards")
+    self._cache_size = cache_row_groups
+    self._init_cache()
+    logging.info("Pick-a-Pic: %d files, %d rows, %d pairs kept, %d ties/unlabeled dropped",
+                 len(self._paths), self.num_rows, len(self._rows), self.num_dropped)
+
+  def _init_cache(self):
+    self._cache = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    del state["_cache"], state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_cache()
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __repr__(self) -> str:
+    # grain checks a restored iterator against this: it names the data, not where it lives,
+    # so a resumed run may find the same shards under another folder.
+    digest = hashlib.sha1(repr([(os.path.basename(p), m.num_rows) for p, m in
+                                zip(self._paths, self._metadata)]).encode()).hexdigest()[:16]
+    return f"PickapicSource(files={len(self._paths)}, pairs={len(self)}, digest={digest})"
+
+  def _row_group(self, group: int) -> pa.Table:
+    with self._lock:
+      if group in self._cache:
+        self._cache.move_to_end(group)
+        return self._cache[group]
+    # Read outside the lock so threads overlap their I/O; a rare duplicate read is harmless.
+    file, local = self._group_address[group]
+    with pq.ParquetFile(self._paths[file], metadata=self._metadata[file]) as parquet:
+      table = parquet.read_row_group(local, columns=list(PAIR_COLUMNS))
+    with self._lock:
+      self._cache[group] = table
+      while len(self._cache) > self._cache_size:
+        self._cache.popitem(last=False)
+    return table
+
+  def __getitem__(self, pair_id: int) -> dict:
+    row = self._rows[pair_id]
+    group = int(np.searchsorted(self._group_starts, row, side="right")) - 1
+    offset = int(row - self._group_starts[group])
+    table = self._row_group(group)
+    images = [table[column][offset].as_py() for column in ("jpg_0", "jpg_1")]
+    winner = int(self._winners[pair_id])
+    return {"caption": table["caption"][offset].as_py(), "winner": images[winner],
+            "loser": images[1 - winner], "pair_ids": int(pair_id)}
