@@ -7,6 +7,7 @@ command resumes where the last run stopped, on the same data.
 """
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 from dpo_jax.errors import UserError
@@ -42,6 +43,24 @@ class Checkpointer:
                       f"{str(error).splitlines()[0][:200]}); it was written by a different model "
                       "or config: use a new --workdir or delete that step") from None
     return restored.state, restored.data
+
+  def restore_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+  def restore_params(self, step: int):
+    """Only the policy params of `step`, whole on this host's first device, whatever mesh
+    wrote them: what export needs, without the reference or optimiser state in memory."""
+    path = os.path.join(str(self._manager.directory), str(step), "state")
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    return ocp.PyTreeCheckpointer().restore(path, args=args)["params"]
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

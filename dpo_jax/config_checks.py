@@ -7,7 +7,8 @@ import ml_collections
 from dpo_jax.errors import UserError
 
 _CHOICES = {
-    ("data", "format"): ("synthetic",),
+    ("data", "format"): ("synthetic", "pickapic"),
+    ("data", "sdxl_time_ids"): ("constant", "actual"),
     ("dpo", "loss"): ("dpo", "sft"),
     ("optim", "name"): ("adamw", "adafactor"),
     ("model", "compute_dtype"): ("float32", "bfloat16"),

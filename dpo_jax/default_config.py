@@ -31,11 +31,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   # 'synthetic': latent pairs with a learnable preference (winners have a positive mean in
-  # channel 0), made in memory, so the demo needs no files.
+  # channel 0), made in memory, so the demo needs no files. 'pickapic': Pick-a-Pic v2
+  # parquet shards as published (needs model.pretrained).
   config.data.format = "synthetic"
   config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
   config.data.resolution = 64  # Pixels; latents are resolution / 8.
   config.data.context_length = 8  # Text tokens of the synthetic conditioning.
+  config.data.random_crop = False  # Official default: centre crop.
+  config.data.random_flip = True  # Official: per-image horizontal flip.
+  config.data.empty_prompt_prob = 0.2  # Official proportion_empty_prompts (one per pair).
+  config.data.workers = 0  # grain worker processes decoding JPEGs (0: in the main process).
+  # SDXL time ids: 'constant' (R, R, 0, 0, R, R) as the official DPO code, or 'actual'
+  # original size and crop of each image (diffusers' training convention).
+  config.data.sdxl_time_ids = "constant"
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 40

@@ -9,12 +9,12 @@ import ml_collections
 
 from dpo_jax import diffusion, optim, parallel
 from dpo_jax.checkpoint import Checkpointer
-from dpo_jax.data import synthetic
+from dpo_jax.data import loader, synthetic
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_log import MetricsLog
 from dpo_jax.models import pipeline as pipeline_lib, unet_io
 from dpo_jax.models.unet import init_params
-from dpo_jax.train_step import Encoders, TrainState, make_train_step
+from dpo_jax.train_step import Encoders, TrainState, make_pair_loss, make_train_step
 
 # The SD1.x/2.x training schedule, for random-init runs; a pipeline brings its own.
 DEFAULT_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
@@ -42,7 +42,8 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
                   diffusion.NoiseSchedule.from_scheduler_config(DEFAULT_SCHEDULER))
   pipe = pipeline_lib.load_pipeline(config.model.pretrained, variant=config.model.variant,
                                     **options)
-  encoders = Encoders(pipe.kind, pipe.vae, tuple(module for module, _ in pipe.text_encoders))
+  encoders = Encoders(pipe.kind, pipe.vae, tuple(module for module, _ in pipe.text_encoders),
+                      constant_time_ids=config.data.sdxl_time_ids == "constant")
   frozen = {"vae": pipe.vae_params,
             "text_encoders": tuple(params for _, params in pipe.text_encoders)}
   return Models(pipe.unet, pipe.unet_params, pipe.noise_schedule, encoders, frozen,
@@ -67,7 +68,30 @@ def make_data_iterator(config: ml_collections.ConfigDict, models: Models):
         latent_size=config.data.resolution // 8, channels=models.unet.config.in_channels,
         context_length=config.data.context_length,
         context_dim=models.unet.config.cross_attention_dim[0])
+  if config.data.format == "pickapic":
+    if models.encoders is None:
+      raise UserError("data.format='pickapic' needs model.pretrained: a diffusers pipeline "
+                      "whose VAE and text encoders turn images and captions into UNet inputs")
+    return _GrainData(loader.make_train_iterator(
+        config, models.tokenizers, process_index=jax.process_index(),
+        process_count=jax.process_count()))
   raise ValueError(f"data.format {config.data.format!r}")  # config_checks refuses it first.
+
+
+class _GrainData:
+  """A grain iterator with the synthetic iterator's get_state / set_state."""
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+
+  def __next__(self):
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return loader.iterator_state(self._iterator)
+
+  def set_state(self, state: dict) -> None:
+    loader.restore_iterator(self._iterator, state)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
@@ -93,11 +117,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   frozen_shardings = shardings(models.frozen_params)
   frozen = jax.device_put(models.frozen_params, frozen_shardings)
   batch_sharding = parallel.batch_sharding(mesh)
-  step_fn = make_train_step(
-      models.unet, models.schedule, optimizer, beta=config.dpo.beta, loss_name=config.dpo.loss,
-      seed=config.train.seed, grad_accum=config.train.grad_accum, encoders=models.encoders,
-      state_shardings=state_shardings, frozen_shardings=frozen_shardings,
-      batch_sharding=batch_sharding)
+  pair_loss = make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
+                             loss_name=config.dpo.loss, seed=config.train.seed,
+                             encoders=models.encoders)
+  step_fn = make_train_step(pair_loss, optimizer, grad_accum=config.train.grad_accum,
+                            state_shardings=state_shardings, frozen_shardings=frozen_shardings,
+                            batch_sharding=batch_sharding)
   data = make_data_iterator(config, models)
 
   checkpointer = Checkpointer(workdir, every=config.train.ckpt_every)

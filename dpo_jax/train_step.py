@@ -26,6 +26,9 @@ class Encoders:
   kind: str  # 'sd' or 'sdxl'.
   vae: vae_lib.AutoencoderKL
   text_encoders: tuple  # Modules, model_index order.
+  # SDXL: condition every image on (R, R, 0, 0, R, R) as the official DPO code does, rather
+  # than on its real original size and crop (diffusers' convention).
+  constant_time_ids: bool = True
 
 
 def pair_keys(seed: int, epochs: jax.Array, pair_ids: jax.Array) -> jax.Array:
@@ -61,28 +64,30 @@ def _encode_pixels(encoders: Encoders, frozen, batch, keys):
   context, pooled = encode.encode_prompts(prompt_encoders, token_ids)
   added = {}
   if encoders.kind == "sdxl":
-    time_ids = encode.sdxl_time_ids(batch["original_size"].reshape(-1, 2),
-                                    batch["crop_top_left"].reshape(-1, 2), (height, width))
+    if encoders.constant_time_ids:
+      time_ids = jnp.tile(encode.sdxl_time_ids((height, width), (0, 0), (height, width)),
+                          (2 * pairs, 1))
+    else:
+      time_ids = encode.sdxl_time_ids(batch["original_size"].reshape(-1, 2),
+                                      batch["crop_top_left"].reshape(-1, 2), (height, width))
     added = {"text_embeds": jnp.repeat(pooled, 2, axis=0), "time_ids": time_ids}
   latents = jax.lax.stop_gradient(latents.reshape(pairs, 2, *latents.shape[1:]))
   return latents, jax.lax.stop_gradient(context), jax.lax.stop_gradient(added)
 
 
-def make_train_step(model, schedule: diffusion.NoiseSchedule, optimizer: optax.GradientTransformation,
-                    *, beta: float, loss_name: str, seed: int, grad_accum: int = 1,
-                    encoders: Encoders | None = None, state_shardings, frozen_shardings=None,
-                    batch_sharding: jax.sharding.NamedSharding) -> Callable:
-  """`step(state, frozen, batch) -> (state, metrics)`, jitted with the given shardings.
+def make_pair_loss(model, schedule: diffusion.NoiseSchedule, *, beta: float, loss_name: str,
+                   seed: int, encoders: Encoders | None = None) -> Callable:
+  """`pair_loss(params, reference_params, frozen, batch) -> (loss, metrics)` for one batch.
 
   The batch keeps pairs on its leading axis so that each device holds whole pairs: either
   `pixels` [B, 2, R, R, 3] (winner at index 0 of axis 1) with `input_ids_{i}` [B, L] per text
-  encoder (and SDXL's `original_size`, `crop_top_left` [B, 2, 2]), encoded in the step by the
+  encoder (and SDXL's `original_size`, `crop_top_left` [B, 2, 2]), encoded here by the
   frozen `encoders`; or ready `latents` [B, 2, h, w, C] and `context` [B, T, D]. `pair_ids`
   (and optional `epochs`) [B] seed each pair's randomness. `frozen` holds the encoders'
   params ({'vae', 'text_encoders'}); None without encoders.
   """
 
-  def pair_gradients(params, reference_params, frozen, batch):
+  def pair_loss(params, reference_params, frozen, batch):
     pairs = batch["pair_ids"].shape[0]
     epochs = batch.get("epochs", jnp.zeros_like(batch["pair_ids"]))
     keys = pair_keys(seed, epochs, batch["pair_ids"])
@@ -99,14 +104,28 @@ def make_train_step(model, schedule: diffusion.NoiseSchedule, optimizer: optax.G
     predict = lambda p: model.apply({"params": p}, noisy, timesteps, context, **added)
     # The loss wants winners first; reordering a [2B] vector costs nothing.
     errors = lambda p: losses.per_sample_error(predict(p), target).reshape(pairs, 2).T.reshape(-1)
-    reference_errors = errors(reference_params)
+    if loss_name == "sft":
+      return losses.sft_loss(errors(params))
+    return losses.dpo_loss(errors(params), errors(reference_params), beta)
 
-    def loss_fn(p):
-      if loss_name == "sft":
-        return losses.sft_loss(errors(p))
-      return losses.dpo_loss(errors(p), reference_errors, beta)
+  return pair_loss
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+def make_eval_step(pair_loss: Callable) -> Callable:
+  """`eval_step(state, frozen, batch) -> metrics` of the policy against the reference."""
+  return jax.jit(lambda state, frozen, batch: pair_loss(
+      state.params, state.reference_params, frozen, batch)[1])
+
+
+def make_train_step(pair_loss: Callable, optimizer: optax.GradientTransformation, *,
+                    grad_accum: int = 1, state_shardings, frozen_shardings=None,
+                    batch_sharding: jax.sharding.NamedSharding) -> Callable:
+  """`step(state, frozen, batch) -> (state, metrics)`, jitted with the given shardings and
+  the state donated. `grad_accum` splits the batch into sequential microbatches."""
+
+  def pair_gradients(params, reference_params, frozen, batch):
+    (_, metrics), grads = jax.value_and_grad(pair_loss, has_aux=True)(
+        params, reference_params, frozen, batch)
     return grads, metrics
 
   def accumulated_gradients(state: TrainState, frozen, batch):
