@@ -11,12 +11,14 @@ SMALL = ["--config.train.steps=6", "--config.train.log_every=3", "--config.data.
          "--config.train.batch_pairs=4"]
 
 
-def _main(*args, workdir=None):
+def _main(*args, workdir=None, devices=1):
   command = [sys.executable, "-m", "dpo_jax.main", *args]
   if workdir is not None:
     command.append(f"--workdir={workdir}")
-  # One CPU device, as on a newcomer's machine (conftest gives this process 8 fake ones).
+  # One CPU device unless asked, as on a newcomer's machine (conftest gives this process 8).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run(command, capture_output=True, text=True, timeout=600,
                         env=dict(env, JAX_PLATFORMS="cpu"))
 
@@ -49,6 +51,21 @@ def test_user_mistakes_end_in_one_line_and_status_2(tmp_path, args, expected):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+def test_batch_that_does_not_split_over_the_devices_is_a_one_line_error(tmp_path):
+  result = _main(*SMALL, "--config.train.batch_pairs=6", workdir=tmp_path, devices=4)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "train.batch_pairs=6" in lines[0] and "4 devices" in lines[0], lines
+
+
+def test_pretrained_path_that_does_not_exist_is_named(tmp_path):
+  missing = tmp_path / "no" / "such-pipeline"
+  result = _main(*SMALL, f"--config.model.pretrained={missing}", workdir=tmp_path)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(missing) in lines[0], lines
 
 
 def test_missing_config_file_is_a_one_line_error(tmp_path):
