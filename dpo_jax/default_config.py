@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.peak_lr = 1e-6
   config.optim.lr_per_pair = 1e-8
   config.optim.warmup_steps = 0
+  config.optim.warmup_fraction = config_dict.placeholder(float)  # Overrides warmup_steps.
   config.optim.weight_decay = 1e-2
   config.optim.grad_clip_norm = 1.0
   return config

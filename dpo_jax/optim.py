@@ -11,12 +11,19 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.optim.lr_per_pair * config.train.batch_pairs * 2000.0 / config.dpo.beta
 
 
+def warmup_steps(config: ml_collections.ConfigDict) -> int:
+  """`optim.warmup_fraction` × train.steps when set (the paper: 25%), else optim.warmup_steps."""
+  if config.optim.warmup_fraction is not None:
+    return round(config.optim.warmup_fraction * config.train.steps)
+  return config.optim.warmup_steps
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to the peak, then constant (the paper's schedule)."""
-  peak = peak_learning_rate(config)
-  if config.optim.warmup_steps <= 0:
+  peak, warmup = peak_learning_rate(config), warmup_steps(config)
+  if warmup <= 0:
     return optax.constant_schedule(peak)
-  return optax.linear_schedule(0.0, peak, config.optim.warmup_steps)
+  return optax.linear_schedule(0.0, peak, warmup)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -165,3 +165,13 @@ def test_grad_clipping_caps_the_global_norm_seen_by_adam():
     direction = jax.tree_util.tree_map(lambda g: g * (norm / optax.global_norm(grads)), grads)
     for m, g in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(direction)):
       np.testing.assert_allclose(m, 0.1 * g, rtol=1e-4, atol=1e-9)
+
+
+def test_warmup_fraction_of_the_run_overrides_warmup_steps():
+  config = get_config()
+  config.train.steps, config.optim.warmup_steps, config.optim.peak_lr = 2000, 10, 1e-4
+  config.optim.warmup_fraction = 0.25  # The paper: "25% linear warmup".
+  assert optim.warmup_steps(config) == 500
+  schedule = optim.learning_rate_schedule(config)
+  assert float(schedule(250)) == pytest.approx(5e-5)
+  assert float(schedule(500)) == pytest.approx(1e-4)
