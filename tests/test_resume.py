@@ -7,6 +7,7 @@ import pytest
 
 from dpo_jax import checkpoint, default_config, train
 from dpo_jax.data import synthetic
+from dpo_jax.errors import UserError
 
 
 def _config():
@@ -54,3 +55,16 @@ def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypa
   # Steps 4 ran twice in run b (before the kill and after resuming from step 3), on the same
   # pairs with the same noise: the same loss. Every step's loss matches the uninterrupted run.
   assert logged("a") == logged("b")
+
+
+def test_checkpoint_of_another_model_is_refused_with_its_path(tmp_path):
+  config = _config()
+  config.train.steps = 1
+  train.train(config, str(tmp_path), jax.devices()[:1])
+  config.train.steps = 2
+  config.model.unet.block_out_channels = [16, 32]
+  with pytest.raises(UserError) as error:
+    train.train(config, str(tmp_path), jax.devices()[:1])
+  message = str(error.value)
+  assert "\n" not in message
+  assert str(tmp_path / "checkpoints" / "1") in message and "new --workdir" in message
