@@ -121,14 +121,6 @@ def test_sdxl_time_ids_match_diffusers(saved):
   assert batched.shape == (2, 6) and batched[1].tolist() == [512, 640, 0, 0, 64, 64]
 
 
-def _assert_same_tensors(expected: torch.nn.Module, actual: torch.nn.Module, what: str):
-  expected, actual = expected.state_dict(), actual.state_dict()
-  assert sorted(expected) == sorted(actual), what
-  for key in expected:
-    assert expected[key].dtype == actual[key].dtype, f"{what}.{key}"
-    assert torch.equal(expected[key], actual[key]), f"{what}.{key}"
-
-
 def _same_files(left: str, right: str) -> bool:
   comparison = filecmp.dircmp(left, right)
   names = comparison.common_files
@@ -148,7 +140,7 @@ def test_unchanged_export_is_bit_identical(saved, tmp_path):
   assert type(reloaded) is type(torch_pipe)
   modules = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if pipe.kind == "sdxl" else [])
   for name in modules:
-    _assert_same_tensors(getattr(torch_pipe, name), getattr(reloaded, name), name)
+    tiny_models.assert_same_tensors(getattr(torch_pipe, name), getattr(reloaded, name), name)
   public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
   assert public(reloaded.scheduler.config) == public(torch_pipe.scheduler.config)
   # Everything but the UNet is a byte-for-byte copy.

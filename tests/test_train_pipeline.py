@@ -6,7 +6,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 from diffusers import DiffusionPipeline
 
 import tiny_data
@@ -84,10 +83,7 @@ def test_cli_run_then_export_loads_in_diffusers_and_zero_lr_changes_nothing(file
   original = DiffusionPipeline.from_pretrained(files / "pipeline")
   exported = DiffusionPipeline.from_pretrained(output)
   assert type(exported).__name__ == "StableDiffusionPipeline"
-  expected, actual = original.unet.state_dict(), exported.unet.state_dict()
-  assert sorted(expected) == sorted(actual)
-  for key in expected:
-    assert torch.equal(expected[key], actual[key]), key
+  tiny_models.assert_same_tensors(original.unet, exported.unet, "unet")
 
   again = _run("dpo_jax.export", f"--workdir={workdir}", f"--output={output}")
   assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -13,14 +13,6 @@ from dpo_jax.errors import UserError
 from dpo_jax.models import model_files, unet_io
 
 
-def _assert_same_tensors(expected: torch.nn.Module, actual: torch.nn.Module):
-  expected, actual = expected.state_dict(), actual.state_dict()
-  assert sorted(expected) == sorted(actual)
-  for key in expected:
-    assert expected[key].dtype == actual[key].dtype, key
-    assert torch.equal(expected[key], actual[key]), key
-
-
 @pytest.fixture(scope="module", params=["sd15", "sd21", "sdxl"])
 def original(request, tmp_path_factory):
   config = {"sd15": tiny_models.SD15_UNET, "sd21": tiny_models.SD21_UNET,
@@ -36,7 +28,7 @@ def test_load_export_load_is_bit_identical(original, tmp_path):
   model, params = unet_io.load_unet(folder)
   unet_io.save_unet(model, params, str(tmp_path))
   reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
-  _assert_same_tensors(torch_model, reloaded)
+  tiny_models.assert_same_tensors(torch_model, reloaded)
   as_json = lambda config: json.loads(json.dumps({k: v for k, v in config.items()
                                                   if not k.startswith("_")}))
   assert as_json(reloaded.config) == as_json(torch_model.config)
@@ -48,7 +40,7 @@ def test_sharded_export_is_read_by_diffusers(original, tmp_path):
   unet_io.save_unet(model, params, str(tmp_path), max_shard_bytes=200_000)
   index = json.loads((tmp_path / "diffusion_pytorch_model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
-  _assert_same_tensors(torch_model, UNet2DConditionModel.from_pretrained(tmp_path))
+  tiny_models.assert_same_tensors(torch_model, UNet2DConditionModel.from_pretrained(tmp_path))
 
 
 def test_reexport_into_same_folder_leaves_no_stale_shards(original, tmp_path):

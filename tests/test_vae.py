@@ -143,20 +143,12 @@ def test_model_latents_scale_and_shift_from_the_config(variant):
   np.testing.assert_allclose(vae.from_model_latents(scaled, config), latents, atol=1e-6)
 
 
-def _assert_same_tensors(expected: torch.nn.Module, actual: torch.nn.Module):
-  expected, actual = expected.state_dict(), actual.state_dict()
-  assert sorted(expected) == sorted(actual)
-  for key in expected:
-    assert expected[key].dtype == actual[key].dtype, key
-    assert torch.equal(expected[key], actual[key]), key
-
-
 def test_load_save_then_diffusers_load_is_bit_identical(saved_vae, tmp_path):
   torch_model, folder = saved_vae
   model, params = vae.load_vae(folder)
   vae.save_vae(model, params, str(tmp_path))
   reloaded = AutoencoderKL.from_pretrained(tmp_path)
-  _assert_same_tensors(torch_model, reloaded)
+  tiny_models.assert_same_tensors(torch_model, reloaded)
   as_json = lambda config: json.loads(json.dumps({k: v for k, v in config.items()
                                                   if not k.startswith("_")}))
   assert as_json(reloaded.config) == as_json(torch_model.config)

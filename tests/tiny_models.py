@@ -115,3 +115,12 @@ def make_pipeline(kind: str):
       text_encoder=make_text_encoder(seed=1), text_encoder_2=text_encoder_2,
       tokenizer=make_clip_tokenizer(), tokenizer_2=make_clip_tokenizer(pad_token="!"),
       scheduler=diffusers.EulerDiscreteScheduler(**schedule, timestep_spacing="leading"))
+
+
+def assert_same_tensors(expected: torch.nn.Module, actual: torch.nn.Module, what: str = ""):
+  """Same keys, dtypes and bit-identical values in both modules' state_dicts."""
+  expected, actual = expected.state_dict(), actual.state_dict()
+  assert sorted(expected) == sorted(actual), what
+  for key in expected:
+    assert expected[key].dtype == actual[key].dtype, f"{what}.{key}"
+    assert torch.equal(expected[key], actual[key]), f"{what}.{key}"

@@ -1,0 +1,141 @@
+"""configs/*.py and launch/: every config is valid and carries the paper's recipe, the command
+line can override it, and local_multiprocess.sh really runs a two-process job."""
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from dpo_jax import config_checks, optim
+from dpo_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+REAL_RUNS = ("sd15", "sd21", "sdxl")
+
+
+def _load(name_or_path: str):
+  """A config file's get_config(), imported by path as config_flags does."""
+  path = name_or_path if name_or_path.endswith(".py") else os.path.join(REPO, "configs",
+                                                                         f"{name_or_path}.py")
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _subprocess_env(**extra):
+  # One plain CPU device per process, as a user's machine (conftest gives pytest 8 fake ones).
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return dict(env, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **extra)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_passes_checks_once_given_its_data(path):
+  config = _load(path)
+  if config.data.format == "pickapic":
+    with pytest.raises(UserError, match="data.train_files") as error:
+      config_checks.check_config(config)
+    assert len(str(error.value).splitlines()) == 1
+    config.data.train_files = "pickapic_v2/train-*.parquet"
+  config_checks.check_config(config)
+
+
+def test_real_run_configs_exist():
+  assert {os.path.basename(p)[:-3] for p in CONFIGS} >= set(REAL_RUNS)
+
+
+@pytest.mark.parametrize("name, pretrained, resolution, beta, optimizer, remat, fsdp", [
+    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 2000.0, "adamw", False, 1),
+    ("sd21", "stabilityai/stable-diffusion-2-1", 768, 2000.0, "adamw", False, 1),
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 5000.0, "adafactor", True, 8),
+])
+def test_real_run_configs_carry_the_paper_recipe(name, pretrained, resolution, beta, optimizer,
+                                                 remat, fsdp):
+  config = _load(name)
+  assert (config.model.pretrained, config.data.resolution, config.dpo.beta, config.optim.name,
+          config.model.remat, config.mesh.fsdp) == (pretrained, resolution, beta, optimizer,
+                                                    remat, fsdp)
+  # Paper §5.1 and the official launchers: 2048 pairs × 2000 steps, 25% warmup, 1e-8 per pair.
+  assert (config.train.batch_pairs, config.train.steps, config.optim.warmup_steps) == (
+      2048, 2000, 500)
+  assert config.optim.lr_per_pair == 1e-8 and config.optim.peak_lr is None
+  assert config.train.batch_pairs % config.train.grad_accum == 0
+  assert (config.data.format, config.data.train_files) == ("pickapic", None)
+  assert (config.data.empty_prompt_prob, config.data.random_flip, config.data.random_crop) == (
+      0.2, True, False)
+  assert (config.model.compute_dtype, config.model.reference_dtype) == ("bfloat16", "bfloat16")
+  assert config.model.attention_implementation is None and config.mesh.data == -1
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sd15", 2.048e-5),  # 1e-8 × 2048 × 2000/2000
+    ("sd21", 2.048e-5),
+    ("sdxl", 8.192e-6),  # 1e-8 × 2048 × 2000/5000
+])
+def test_peak_lr_is_derived_from_the_paper_recipe(name, expected):
+  assert optim.peak_learning_rate(_load(name)) == pytest.approx(expected, rel=1e-12)
+
+
+def _parse(argv):
+  """argv through config_flags, the parser dpo_jax.main uses."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+@pytest.mark.parametrize("name", REAL_RUNS)
+def test_command_line_sets_the_optional_keys(name):
+  config = _parse(["main", f"--config={REPO}/configs/{name}.py", "--config.optim.peak_lr=1e-6",
+                   "--config.data.train_files=a/*.parquet,b.parquet",
+                   "--config.model.pretrained=/models/local",
+                   "--config.model.attention_implementation=cudnn"])
+  assert optim.peak_learning_rate(config) == 1e-6
+  assert config.data.train_files == "a/*.parquet,b.parquet"
+  assert config.model.pretrained == "/models/local"
+  assert config.model.attention_implementation == "cudnn"
+  config_checks.check_config(config)
+
+
+def test_cli_without_train_files_exits_2_before_loading_anything(tmp_path):
+  workdir = tmp_path / "run"
+  # A pretrained path that does not exist: had the models been loaded first, the error would
+  # name it instead; and train() creates the workdir first thing, so it must not exist.
+  result = subprocess.run(
+      [sys.executable, "-m", "dpo_jax.main", "--config=configs/sd15.py", f"--workdir={workdir}",
+       "--config.model.pretrained=/nonexistent/pipeline"],
+      capture_output=True, text=True, timeout=120, cwd=REPO, env=_subprocess_env())
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "data.train_files" in lines[0], result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def _local_multiprocess(workdir, *args):
+  # Unoptimised XLA code halves the compile time that dominates a two-step CPU run.
+  return subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "2", "configs/demo.py", str(workdir), *args],
+      capture_output=True, text=True, timeout=300, cwd=REPO,
+      env=_subprocess_env(XLA_FLAGS="--xla_backend_optimization_level=0"))
+
+
+def test_local_multiprocess_trains_with_two_processes(tmp_path):
+  result = _local_multiprocess(tmp_path, "--config.train.steps=2", "--config.data.resolution=32",
+                               "--config.train.batch_pairs=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Had jax.distributed not joined them, two single-process runs would each log both steps.
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2]
+  assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_local_multiprocess_fails_when_a_process_fails(tmp_path):
+  result = _local_multiprocess(tmp_path, "--config.dpo.beta=0")
+  assert result.returncode != 0
+  assert "dpo.beta" in result.stderr
