@@ -33,3 +33,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.resolution % 8:
     raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
                     "VAE downsamples by 8)")
+  # Caught here, before minutes of model loading: the real-run configs leave it unset on purpose.
+  if config.data.format == "pickapic" and not config.data.train_files:
+    raise UserError("data.train_files is not set; data.format='pickapic' needs the Pick-a-Pic "
+                    "parquet shards: pass --config.data.train_files='DIR/*.parquet'")
