@@ -7,7 +7,7 @@ import ml_collections
 from dpo_jax.errors import UserError
 
 _CHOICES = {
-    ("data", "format"): ("synthetic", "pickapic"),
+    ("data", "format"): ("synthetic", "pickapic", "jsonl"),
     ("data", "sdxl_time_ids"): ("constant", "actual"),
     ("dpo", "loss"): ("dpo", "sft"),
     ("optim", "name"): ("adamw", "adafactor"),
@@ -34,6 +34,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
                     "VAE downsamples by 8)")
   # Caught here, before minutes of model loading: the real-run configs leave it unset on purpose.
-  if config.data.format == "pickapic" and not config.data.train_files:
-    raise UserError("data.train_files is not set; data.format='pickapic' needs the Pick-a-Pic "
-                    "parquet shards: pass --config.data.train_files='DIR/*.parquet'")
+  if config.data.format in ("pickapic", "jsonl") and not config.data.train_files:
+    example = "DIR/*.parquet" if config.data.format == "pickapic" else "pairs.jsonl"
+    raise UserError(f"data.train_files is not set; data.format='{config.data.format}' needs "
+                    f"its files: pass --config.data.train_files='{example}'")

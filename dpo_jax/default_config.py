@@ -32,9 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   # 'synthetic': latent pairs with a learnable preference (winners have a positive mean in
   # channel 0), made in memory, so the demo needs no files. 'pickapic': Pick-a-Pic v2
-  # parquet shards as published (needs model.pretrained).
+  # parquet shards as published; 'jsonl': your own {"prompt", "chosen", "rejected"} lines
+  # (both need model.pretrained).
   config.data.format = "synthetic"
   config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
+  # Pick-a-Pic only: comma-separated substrings; keep a pair only if both images' model names
+  # contain one (case-insensitive). The paper's Dreamlike-only subset: 'dreamlike'.
+  config.data.model_filter = config_dict.placeholder(str)
   config.data.resolution = 64  # Pixels; latents are resolution / 8.
   config.data.context_length = 8  # Text tokens of the synthetic conditioning.
   config.data.random_crop = False  # Official default: centre crop.

@@ -68,10 +68,11 @@ def make_data_iterator(config: ml_collections.ConfigDict, models: Models):
         latent_size=config.data.resolution // 8, channels=models.unet.config.in_channels,
         context_length=config.data.context_length,
         context_dim=models.unet.config.cross_attention_dim[0])
-  if config.data.format == "pickapic":
+  if config.data.format in ("pickapic", "jsonl"):
     if models.encoders is None:
-      raise UserError("data.format='pickapic' needs model.pretrained: a diffusers pipeline "
-                      "whose VAE and text encoders turn images and captions into UNet inputs")
+      raise UserError(f"data.format={config.data.format!r} needs model.pretrained: a diffusers "
+                      "pipeline whose VAE and text encoders turn images and captions into UNet "
+                      "inputs")
     return _GrainData(loader.make_train_iterator(
         config, models.tokenizers, process_index=jax.process_index(),
         process_count=jax.process_count()))

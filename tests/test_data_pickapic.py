@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import tiny_data
 import tiny_models
 from dpo_jax.data import loader, pickapic
 from dpo_jax.errors import UserError
@@ -206,3 +207,19 @@ def test_bad_files_are_one_line_user_errors(tmp_path, name, needle):
   with pytest.raises(UserError) as error:
     pickapic.PickapicSource(str(tmp_path / name))
   assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_model_filter_keeps_pairs_whose_two_models_match(tmp_path):
+  # One row in four has both models from the filter (any substring, any case), as the
+  # paper's Dreamlike-only subset; the others have one or none.
+  models = (("dreamlike-art/dreamlike-photoreal-2.0", "Dreamlike-Diffusion-1.0"),
+            ("dreamlike-photoreal", "stabilityai/sdxl"), ("sdxl", "dreamlike"), ("sdxl", "sd2"))
+  path = str(tmp_path / "train.parquet")
+  tiny_data.write_warm_vs_cool(path, pairs=40, seed=0, size=8, models=models)
+  assert len(pickapic.PickapicSource(path)) == 40
+  dreamlike = pickapic.PickapicSource(path, model_filter="dreamlike")
+  assert (len(dreamlike), dreamlike.num_dropped) == (10, 30)
+  assert len(pickapic.PickapicSource(path, model_filter=" DREAMLIKE, sdxl ")) == 30
+  assert repr(dreamlike) != repr(pickapic.PickapicSource(path))  # A resume must not mix them.
+  with pytest.raises(UserError, match="data.model_filter='midjourney' keeps no pair"):
+    pickapic.PickapicSource(path, model_filter="midjourney")

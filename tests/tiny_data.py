@@ -22,8 +22,12 @@ def textured(rng: np.random.Generator, size: int, warm: bool) -> np.ndarray:
   return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def write_warm_vs_cool(path: str, pairs: int, seed: int, size: int = 40) -> None:
-  """`pairs` rows in the published schema; the warm image wins, on a random side."""
+def write_warm_vs_cool(path: str, pairs: int, seed: int, size: int = 40,
+                       models: tuple[tuple[str, str], ...] = (("m0", "m1"),)) -> None:
+  """`pairs` rows in the published schema; the warm image wins, on a random side.
+
+  Row i's (model_0, model_1) is models[i % len(models)], for tests of data.model_filter.
+  """
   rng = np.random.default_rng(seed)
   rows = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0",
                           "model_1", "has_label", "are_different", "best_image_uid")}
@@ -33,8 +37,9 @@ def write_warm_vs_cool(path: str, pairs: int, seed: int, size: int = 40) -> None
     caption = " ".join(rng.choice(WORDS, size=rng.integers(1, 5)))
     for key, value in (("caption", caption), ("jpg_0", jpeg(images[0])),
                        ("jpg_1", jpeg(images[1])), ("label_0", float(warm_first)),
-                       ("label_1", float(not warm_first)), ("model_0", "m0"),
-                       ("model_1", "m1"), ("has_label", True), ("are_different", True),
+                       ("label_1", float(not warm_first)),
+                       ("model_0", models[i % len(models)][0]),
+                       ("model_1", models[i % len(models)][1]), ("has_label", True), ("are_different", True),
                        ("best_image_uid", f"{seed}-{i}")):
       rows[key].append(value)
   pq.write_table(pa.table(rows), path, row_group_size=16)

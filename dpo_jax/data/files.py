@@ -7,15 +7,17 @@ from dpo_jax.errors import UserError
 _GLOB_CHARS = "*?["
 
 
-def expand_files(spec: str | None, key: str = "data.train_files") -> list[str]:
+def expand_files(spec: str | None, key: str = "data.train_files",
+                 example: str = "DIR/*.parquet") -> list[str]:
   """Paths in the order given; each glob's matches sorted, so every host sees the same order.
 
   Row (and so pair) ids are positions in this order: hosts agree on them without talking.
+  `example` is the glob the error messages suggest (e.g. 'pairs.jsonl' for data.format=jsonl).
   """
   entries = [entry.strip() for entry in (spec or "").split(",") if entry.strip()]
   if not entries:
-    raise UserError(f"{key} is not set; pass --config.{key}=GLOB or a comma-separated list "
-                    "of files")
+    raise UserError(f"{key} is not set; pass --config.{key}={example} (a glob) or a "
+                    "comma-separated list of files")
   paths = []
   for entry in entries:
     path = os.path.expanduser(entry)
@@ -29,5 +31,5 @@ def expand_files(spec: str | None, key: str = "data.train_files") -> list[str]:
       paths.append(path)
     else:
       raise UserError(f"{key}: {entry} is not a file; give existing files or a glob such as "
-                      f"DIR/*.parquet via --config.{key}")
+                      f"{example} via --config.{key}")
   return paths

@@ -1,4 +1,4 @@
-"""Pick-a-Pic pairs -> this host's batches, through a resumable grain DataLoader.
+"""Preference pairs (Pick-a-Pic or JSONL) -> this host's batches, through a resumable grain loader.
 
 Each host reads a disjoint 1/process_count of the pairs (grain's ShardOptions) in an order
 shuffled anew every epoch, forever; each pair's crop, flip and prompt dropout come from
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import grain.python as grain
 import transformers
 
-from dpo_jax.data import pickapic, transforms
+from dpo_jax.data import jsonl_pairs, pickapic, transforms
 from dpo_jax.errors import UserError
 
 # Raw records hold two JPEGs (~0.7 MB for Pick-a-Pic): bound what the read threads hold.
@@ -37,18 +37,29 @@ class _AddEpoch:
       yield grain.Record(record.metadata, {**record.data, "epochs": epoch})
 
 
+def make_source(data_config) -> pickapic.PickapicSource | jsonl_pairs.JsonlPairsSource:
+  """The random-access source `data.format` names; both give the same records."""
+  model_filter = data_config.get("model_filter")
+  if data_config.get("format", "pickapic") == "jsonl":
+    if model_filter:
+      raise UserError("data.model_filter reads Pick-a-Pic's model_0/model_1 columns; JSONL "
+                      "pairs have none: unset --config.data.model_filter")
+    return jsonl_pairs.JsonlPairsSource(data_config.train_files)
+  return pickapic.PickapicSource(data_config.train_files, model_filter=model_filter)
+
+
 def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer], *,
                         process_index: int, process_count: int) -> grain.PyGrainDatasetIterator:
   """An endless iterator of this host's batches of `config.data.train_files`.
 
   Args:
-    config: reads data.{train_files, resolution, random_crop, random_flip,
+    config: reads data.{format, train_files, model_filter, resolution, random_crop, random_flip,
       empty_prompt_prob, workers} and train.{batch_pairs, seed}.
     tokenizers: the pipeline's tokenizers in model_index order (SDXL: two).
     process_index: this host, `jax.process_index()`.
     process_count: the number of hosts, `jax.process_count()`.
   """
-  source = pickapic.PickapicSource(config.data.train_files)
+  source = make_source(config.data)
   per_host, rest = divmod(config.train.batch_pairs, process_count)
   if rest or not per_host:
     raise UserError(f"train.batch_pairs={config.train.batch_pairs} does not split evenly over "

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from absl import logging
 
@@ -25,6 +26,7 @@ from dpo_jax.errors import UserError
 
 LABEL_COLUMNS = ("label_0", "label_1")
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1")
+MODEL_COLUMNS = ("model_0", "model_1")
 
 
 def _read_metadata(path: str) -> pq.FileMetaData:
@@ -40,9 +42,37 @@ def _read_metadata(path: str) -> pq.FileMetaData:
   return metadata
 
 
-def _decisive_rows(path: str, metadata: pq.FileMetaData) -> tuple[np.ndarray, np.ndarray]:
-  """(row numbers, winner side 0/1) of the rows with a strict preference; ties are dropped."""
+def parse_model_filter(spec: str | None) -> tuple[str, ...]:
+  """'a, b' -> ('a', 'b'): the lower-cased substrings of `data.model_filter`; None/'' -> ()."""
+  return tuple(part.strip().lower() for part in (spec or "").split(",") if part.strip())
+
+
+def _both_models_match(table: pa.Table, substrings: Sequence[str]) -> np.ndarray:
+  """Rows whose model_0 and model_1 both contain one of `substrings` (case-insensitive)."""
+  keep = None
+  for column in MODEL_COLUMNS:
+    matches = [pc.match_substring(table[column], s, ignore_case=True) for s in substrings]
+    either = matches[0]
+    for match in matches[1:]:
+      either = pc.or_(either, match)
+    either = pc.fill_null(either, False)  # A row without a model name cannot match.
+    keep = either if keep is None else pc.and_(keep, either)
+  return keep.to_numpy(zero_copy_only=False)
+
+
+def _decisive_rows(path: str, metadata: pq.FileMetaData,
+                   model_filter: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+  """(row numbers, winner side 0/1) of the rows with a strict preference; ties are dropped.
+
+  With `model_filter`, only rows whose two images both come from a matching model are kept.
+  """
   columns = list(LABEL_COLUMNS) + (["has_label"] if "has_label" in metadata.schema.names else [])
+  if model_filter:
+    missing = [c for c in MODEL_COLUMNS if c not in metadata.schema.names]
+    if missing:
+      raise UserError(f"{path} lacks the column(s) {', '.join(missing)} that data.model_filter "
+                      "reads; unset --config.data.model_filter or use the published shards")
+    columns += MODEL_COLUMNS
   with pq.ParquetFile(path, metadata=metadata) as file:
     table = file.read(columns=columns)
   # Nulls become NaN (labels) or False (has_label) and so fail the test below.
@@ -51,6 +81,8 @@ def _decisive_rows(path: str, metadata: pq.FileMetaData) -> tuple[np.ndarray, np
   keep = ((label_0 == 0) | (label_0 == 1)) & (label_1 == 1 - label_0)
   if "has_label" in columns:
     keep &= table["has_label"].fill_null(False).to_numpy(zero_copy_only=False)
+  if model_filter:
+    keep &= _both_models_match(table, model_filter)
   rows = np.flatnonzero(keep)
   return rows, (label_0[rows] == 0).astype(np.int8)
 
@@ -63,7 +95,8 @@ class PickapicSource:
   cache are per process.
   """
 
-  def __init__(self, train_files: str | Sequence[str], cache_row_groups: int = 4):
+  def __init__(self, train_files: str | Sequence[str], cache_row_groups: int = 4,
+               model_filter: str | None = None):
     self._paths = (files_lib.expand_files(train_files) if isinstance(train_files, str)
                    else list(train_files))
     self._metadata = [_read_metadata(path) for path in self._paths]
@@ -75,18 +108,25 @@ class PickapicSource:
     self._group_address = [(f, g) for f, groups in enumerate(group_rows)
                            for g in range(len(groups))]
     file_starts = np.concatenate([[0], np.cumsum([m.num_rows for m in self._metadata])])
-    rows, winners = zip(*(_decisive_rows(p, m) for p, m in zip(self._paths, self._metadata)))
+    self._model_filter = parse_model_filter(model_filter)
+    rows, winners = zip(*(_decisive_rows(p, m, self._model_filter)
+                          for p, m in zip(self._paths, self._metadata)))
     self._rows = np.concatenate([r + s for r, s in zip(rows, file_starts)]).astype(np.int64)
     self._winners = np.concatenate(winners)
     self.num_rows = int(file_starts[-1])
-    self.num_dropped = self.num_rows - len(self._rows)  # Ties (and unlabeled rows).
+    # Ties, unlabeled rows and those data.model_filter leaves out.
+    self.num_dropped = self.num_rows - len(self._rows)
+    if not len(self._rows) and self._model_filter:
+      raise UserError(f"data.model_filter={model_filter!r} keeps no pair with a winner in the "
+                      f"{len(self._paths)} file(s); check the model names or unset it")
     if not len(self._rows):
       raise UserError(f"data.train_files: the {len(self._paths)} file(s) hold no pair with a "
                       "winner (all ties or unlabeled); point at the Pick-a-Pic train shards")
     self._cache_size = cache_row_groups
     self._init_cache()
-    logging.info("Pick-a-Pic: %d files, %d rows, %d pairs kept, %d ties/unlabeled dropped",
-                 len(self._paths), self.num_rows, len(self._rows), self.num_dropped)
+    logging.info("Pick-a-Pic: %d files, %d rows, %d pairs kept, %d ties/unlabeled%s dropped",
+                 len(self._paths), self.num_rows, len(self._rows), self.num_dropped,
+                 f"/not {'|'.join(self._model_filter)}" if self._model_filter else "")
 
   def _init_cache(self):
     self._cache = collections.OrderedDict()
@@ -109,7 +149,9 @@ class PickapicSource:
     # so a resumed run may find the same shards under another folder.
     digest = hashlib.sha1(repr([(os.path.basename(p), m.num_rows) for p, m in
                                 zip(self._paths, self._metadata)]).encode()).hexdigest()[:16]
-    return f"PickapicSource(files={len(self._paths)}, pairs={len(self)}, digest={digest})"
+    # The filter renumbers the pairs: a resume under another one must be refused.
+    kept = f", models={','.join(self._model_filter)}" if self._model_filter else ""
+    return f"PickapicSource(files={len(self._paths)}, pairs={len(self)}{kept}, digest={digest})"
 
   def _row_group(self, group: int) -> pa.Table:
     with self._lock:

@@ -58,6 +58,7 @@ def augment(image: Image.Image, resolution: int, draws: np.ndarray, *, random_cr
 
 
 def decode_jpeg(data: bytes) -> Image.Image:
+  """Any format PIL reads (JPEG, PNG, WebP, ...): JSONL pairs are not only JPEGs."""
   with Image.open(io.BytesIO(data)) as image:
     return image.convert("RGB")
 
@@ -70,6 +71,8 @@ def prepare_pair(record: dict, *, seed: int, resolution: int, random_crop: bool,
   [2, 2] int32 (h, w) / (top, left), caption (str), pair_ids and epochs (int32 scalars).
   """
   ids = {"pair_ids": np.int32(record["pair_ids"]), "epochs": np.int32(record["epochs"])}
+  if "error" in record:  # The source could not read the pair (e.g. a missing image file).
+    return {"error": record["error"], **ids}
   if not isinstance(record["caption"], str):
     return {"error": "no caption", **ids}
   try:

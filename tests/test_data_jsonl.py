@@ -1,0 +1,131 @@
+"""JSONL pairs -> grain batches: paths, malformed lines, missing images, winner order, resume."""
+import io
+import json
+import logging
+import pickle
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_models
+from dpo_jax.data import jsonl_pairs, loader
+from dpo_jax.errors import UserError
+
+RESOLUTION = 16
+TOKENS = 16
+PROMPTS = ("a red cat", "a green dog", "blue sky", "missing image", "yellow tree")
+# Solid colours name the images: pair i's chosen is CHOSEN[i], its rejected REJECTED[i].
+CHOSEN = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9), (255, 255, 0))
+REJECTED = ((0, 0, 0), (255, 255, 255), (128, 128, 128), (9, 9, 9), (0, 255, 255))
+MISSING_PAIR = 3  # Its chosen image is never written.
+
+
+def _write_image(path, colour, size):
+  # PNG is lossless, so the pixels are exact; JPEG of a solid colour is within a level or two.
+  Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+  """Two JSONL files (relative and absolute paths, PNG and JPEG, one malformed line)."""
+  folder = tmp_path_factory.mktemp("pairs")
+  (folder / "images").mkdir()
+  lines = []
+  for i, prompt in enumerate(PROMPTS):
+    chosen, rejected = f"images/{i}-chosen.png", f"images/{i}-rejected.jpg"
+    if i != MISSING_PAIR:
+      _write_image(folder / chosen, CHOSEN[i], (24, 20))
+    _write_image(folder / rejected, REJECTED[i], (20, 30))
+    if i % 2:  # Absolute paths are taken as they are.
+      chosen, rejected = str(folder / chosen), str(folder / rejected)
+    lines.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
+  lines.insert(2, '{"prompt": "no images"}')  # Missing keys: skipped at load.
+  lines.insert(4, "not json at all")
+  (folder / "a.jsonl").write_text("\n".join(lines[:4]) + "\n")
+  (folder / "b.jsonl").write_text("\n".join(lines[4:]) + "\n\n")  # Blank lines are ignored.
+  return str(folder / "*.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+  return [tiny_models.make_clip_tokenizer(model_max_length=TOKENS)]
+
+
+def _config(files, seed=0, **data):
+  data = dict(format="jsonl", train_files=files, resolution=RESOLUTION, random_crop=False,
+              random_flip=True, empty_prompt_prob=0.0, workers=0) | data
+  return ml_collections.ConfigDict({"data": data, "train": {"batch_pairs": 2, "seed": seed}})
+
+
+def _iterator(config, tokenizers):
+  return loader.make_train_iterator(config, tokenizers, process_index=0, process_count=1)
+
+
+def test_source_skips_malformed_lines_and_resolves_paths(pairs_file, tmp_path):
+  source = jsonl_pairs.JsonlPairsSource(pairs_file)
+  assert (len(source), source.num_lines, source.num_malformed) == (5, 7, 2)
+  record = pickle.loads(pickle.dumps(source))[1]  # grain workers get the source pickled.
+  assert record["caption"] == "a green dog" and "error" not in record
+  assert Image.open(io.BytesIO(record["winner"])).getpixel((0, 0)) == CHOSEN[1]
+  assert "cannot read" in source[MISSING_PAIR]["error"]
+  assert "0-chosen.png" not in repr(source)  # Names the data, not where it lives.
+  (tmp_path / "bad.jsonl").write_text('{"prompt": 1}\n[]\n')
+  with pytest.raises(UserError) as error:
+    jsonl_pairs.JsonlPairsSource(str(tmp_path / "bad.jsonl"))
+  assert "none of the 2 line(s)" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_malformed_lines_are_named_by_file_and_line(pairs_file, caplog):
+  with caplog.at_level(logging.WARNING):  # absl logs through the standard logging module.
+    jsonl_pairs.JsonlPairsSource(pairs_file)
+  messages = [record.getMessage() for record in caplog.records]
+  assert any("a.jsonl:3:" in m and "chosen, rejected" in m for m in messages), messages
+  assert any("b.jsonl:1:" in m and "not JSON" in m for m in messages), messages
+
+
+def test_batches_put_the_chosen_image_first(pairs_file, tokenizers):
+  iterator = _iterator(_config(pairs_file), tokenizers)
+  batches = [next(iterator) for _ in range(6)]
+  seen = set()
+  for batch in batches:
+    assert batch["pixels"].shape == (2, 2, RESOLUTION, RESOLUTION, 3)
+    assert batch["input_ids_0"].shape == (2, TOKENS)
+    for pixels, pair, ids in zip(batch["pixels"], batch["pair_ids"], batch["input_ids_0"]):
+      seen.add(int(pair))
+      # Solid colours survive resize, crop and flip: only the order can be wrong.
+      for image, colour, atol in ((pixels[0], CHOSEN[pair], 1e-5),
+                                  (pixels[1], REJECTED[pair], 0.05)):
+        np.testing.assert_allclose(image, np.broadcast_to(np.float32(colour) / 127.5 - 1,
+                                                          image.shape), atol=atol)
+      np.testing.assert_array_equal(ids, tokenizers[0](
+          PROMPTS[pair], padding="max_length", max_length=TOKENS)["input_ids"])
+  assert seen == set(range(5)) - {MISSING_PAIR}  # The missing image skips, not crashes.
+
+
+def test_restored_iterator_continues_the_sequence(pairs_file, tokenizers):
+  config = _config(pairs_file, random_crop=True, empty_prompt_prob=0.5)
+  iterator = _iterator(config, tokenizers)
+  for _ in range(3):
+    next(iterator)
+  state = loader.iterator_state(iterator)
+  expected = [next(iterator) for _ in range(4)]
+  restored = _iterator(config, tokenizers)
+  loader.restore_iterator(restored, state)
+  for want, got in zip(expected, [next(restored) for _ in range(4)]):
+    for name in want:
+      np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+
+
+@pytest.mark.parametrize("files, needle", [("nothing-*.jsonl", "nothing-*.jsonl"),
+                                           ("absent.jsonl", "absent.jsonl is not a file")])
+def test_bad_files_are_one_line_user_errors(tmp_path, tokenizers, files, needle):
+  with pytest.raises(UserError) as error:
+    _iterator(_config(str(tmp_path / files)), tokenizers)
+  assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_model_filter_is_refused_for_jsonl(pairs_file, tokenizers):
+  with pytest.raises(UserError, match="model_filter"):
+    _iterator(_config(pairs_file, model_filter="dreamlike"), tokenizers)
