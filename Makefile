@@ -20,5 +20,6 @@ install-test: $(BIN)/python
 demo: install
 	$(BIN)/python -m dpo_jax.main --workdir workdirs/demo
 
+# Two workers: XLA compiles on one core at a time, so two test processes keep both busy.
 test: install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
