@@ -50,8 +50,8 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
                 pipe.tokenizers)
 
 
-def _initial_state(models: Models, optimizer, config: ml_collections.ConfigDict) -> TrainState:
-  params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), models.initial_params)
+def _initial_state(initial_params, optimizer, config: ml_collections.ConfigDict) -> TrainState:
+  params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), initial_params)
   reference_dtype = jnp.dtype(config.model.reference_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     reference_params=jax.tree_util.tree_map(
@@ -112,9 +112,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   models = load_models(config)
   optimizer = optim.make_optimizer(config)
   shardings = lambda tree: parallel.state_shardings(tree, mesh, config.mesh.min_shard_size)
-  make_state = lambda: _initial_state(models, optimizer, config)
-  state_shardings = shardings(jax.eval_shape(make_state))
-  state = jax.jit(make_state, out_shardings=state_shardings)()  # Born sharded, never whole.
+  # The starting params enter as an argument, never as a closure: a closed-over array would
+  # be baked into the program as a multi-GB constant.
+  make_state = lambda params: _initial_state(params, optimizer, config)
+  state_shardings = shardings(jax.eval_shape(make_state, models.initial_params))
+  state = jax.jit(make_state, in_shardings=(state_shardings.params,),  # Born sharded.
+                  out_shardings=state_shardings)(models.initial_params)
   frozen_shardings = shardings(models.frozen_params)
   frozen = jax.device_put(models.frozen_params, frozen_shardings)
   batch_sharding = parallel.batch_sharding(mesh)
