@@ -32,7 +32,7 @@ def _load(name_or_path: str):
 def _subprocess_env(**extra):
   # One plain CPU device per process, as a user's machine (conftest gives pytest 8 fake ones).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return dict(env, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **extra)
+  return dict(env, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHON=sys.executable, **extra)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
