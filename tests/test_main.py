@@ -30,9 +30,9 @@ def test_demo_trains_and_logs_metrics(tmp_path):
   assert [r["step"] for r in records] == [1, 3, 6]
   for key in ("loss", "implicit_acc", "reward_margin", "lr", "pairs_per_sec"):
     assert all(math.isfinite(r[key]) for r in records), key
-  # Step 1 is evaluated before any update, with policy == reference: every pair ties.
-  assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-  assert records[0]["implicit_acc"] == 0.5
+  # Step 1 is evaluated before any update, with policy == reference: every pair ties, up to
+  # float32 rounding between the two forward passes (×β/2 = 2500), which can break ties.
+  assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
   assert records[-1]["loss"] < records[0]["loss"]
   assert json.loads((tmp_path / "config.json").read_text())["dpo"]["beta"] == 5000.0
   assert "step 6/6" in result.stdout
