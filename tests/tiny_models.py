@@ -124,3 +124,11 @@ def assert_same_tensors(expected: torch.nn.Module, actual: torch.nn.Module, what
   for key in expected:
     assert expected[key].dtype == actual[key].dtype, f"{what}.{key}"
     assert torch.equal(expected[key], actual[key]), f"{what}.{key}"
+
+
+def assert_same_config(expected, actual):
+  """Equal public config entries (keys without a leading '_'), tuples and lists alike."""
+  import json
+  as_json = lambda config: json.loads(json.dumps({k: v for k, v in config.items()
+                                                  if not k.startswith("_")}))
+  assert as_json(actual) == as_json(expected)
