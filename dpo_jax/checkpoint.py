@@ -24,6 +24,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step)` would save (every N steps), so callers gather its data only then."""
+    return self._manager.should_save(step)
+
   def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
     """Saves when `step` is due (every N) or `force`; returns whether it saved."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),

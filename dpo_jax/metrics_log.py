@@ -39,6 +39,11 @@ class MetricsLog:
           f"implicit_acc {record.get('implicit_acc', float('nan')):.3f}  "
           f"{pairs_per_sec:.1f} pairs/s  eta {eta:.0f}s", flush=True)
 
+  def print(self, text: str) -> None:
+    """A line for the console, from process 0 only."""
+    if self._enabled:
+      print(text, flush=True)
+
   def close(self) -> None:
     if self._enabled:
       self._file.close()

@@ -11,6 +11,7 @@ whole pairs. Latents are [B, 2, H, W, C] with winner at index 0 and loser at 1 o
 context is [B, T, D]; pair_ids is [B]. Inside the step `latents.reshape(2B, H, W, C)`
 interleaves winners and losers (w0, l0, w1, l1, ...) without moving data between devices.
 """
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpo_jax.errors import UserError
@@ -140,6 +142,22 @@ def host_to_global(local_batch: Mapping[str, np.ndarray],
   """
   return {name: jax.make_array_from_process_local_data(sharding, value)
           for name, value in local_batch.items()}
+
+
+def gather_from_hosts(value) -> list:
+  """Every process's JSON-ready `value`, in process order, on every process.
+
+  A collective: all processes must call it at the same point. It carries small host-side
+  state (data positions, skip counts), a few KB, never arrays of the model.
+  """
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(encoded.size))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes)]
 
 
 def _multi_process_launch(environ: Mapping[str, str]) -> bool:

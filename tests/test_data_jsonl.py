@@ -109,10 +109,10 @@ def test_restored_iterator_continues_the_sequence(pairs_file, tokenizers):
   iterator = _iterator(config, tokenizers)
   for _ in range(3):
     next(iterator)
-  state = loader.iterator_state(iterator)
+  state = iterator.get_state()
   expected = [next(iterator) for _ in range(4)]
   restored = _iterator(config, tokenizers)
-  loader.restore_iterator(restored, state)
+  restored.set_state(state)
   for want, got in zip(expected, [next(restored) for _ in range(4)]):
     for name in want:
       np.testing.assert_array_equal(want[name], got[name], err_msg=name)

@@ -186,17 +186,17 @@ def test_restored_iterator_continues_the_sequence(shards, tokenizers):
   iterator = loader.make_train_iterator(config, tokenizers, process_index=0, process_count=1)
   for _ in range(3):
     next(iterator)
-  state = loader.iterator_state(iterator)
+  state = iterator.get_state()
   expected = [next(iterator) for _ in range(4)]
   restored = loader.make_train_iterator(config, tokenizers, process_index=0, process_count=1)
-  loader.restore_iterator(restored, state)
+  restored.set_state(state)
   for want, got in zip(expected, [next(restored) for _ in range(4)]):
     for name in want:
       np.testing.assert_array_equal(want[name], got[name], err_msg=name)
   other_seed = loader.make_train_iterator(_config(files, seed=1), tokenizers, process_index=0,
                                           process_count=1)
   with pytest.raises(UserError, match="train.seed"):
-    loader.restore_iterator(other_seed, state)
+    other_seed.set_state(state)
 
 
 @pytest.mark.parametrize("name, needle", [("missing.parquet", "missing.parquet is not a file"),

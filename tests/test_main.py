@@ -36,6 +36,9 @@ def test_demo_trains_and_logs_metrics(tmp_path):
   assert records[-1]["loss"] < records[0]["loss"]
   assert json.loads((tmp_path / "config.json").read_text())["dpo"]["beta"] == 5000.0
   assert "step 6/6" in result.stdout
+  batch = json.loads((tmp_path / "config.json").read_text())["train"]["batch_pairs"]
+  assert [r["data_pairs_kept"] for r in records] == [batch * r["step"] for r in records]
+  assert f"data: kept {6 * batch}, skipped 0 bad" in result.stdout
   assert list((tmp_path / "tensorboard").iterdir())
 
 

@@ -203,6 +203,9 @@ _WORKER = textwrap.dedent("""
     batch = parallel.host_to_global({"pair_ids": pair_ids}, parallel.batch_sharding(mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     total = jax.jit(lambda x: x.sum(), out_shardings=replicated)(batch["pair_ids"])
+    # Host-side state of unequal sizes, as data positions and skip counts are.
+    hosts = parallel.gather_from_hosts({"host": process_id, "text": "x" * 3 * process_id})
+    print(hosts)
     print(mesh.devices.shape, batch["pair_ids"].shape, int(total))
     """)
 
@@ -221,4 +224,6 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
   outputs = [worker.communicate(timeout=120) for worker in workers]
   for worker, (stdout, stderr) in zip(workers, outputs):
     assert worker.returncode == 0, stderr[-2000:]
-    assert stdout.strip().splitlines()[-1] == f"(2, 2) (8,) {sum(range(8))}"
+    lines = stdout.strip().splitlines()
+    assert lines[-1] == f"(2, 2) (8,) {sum(range(8))}"
+    assert lines[-2] == "[{'host': 0, 'text': ''}, {'host': 1, 'text': 'xxx'}]"

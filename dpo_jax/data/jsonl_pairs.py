@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from dpo_jax.data import files as files_lib
+from dpo_jax.data import files as files_lib, skips
 from dpo_jax.errors import UserError
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -83,6 +83,15 @@ class JsonlPairsSource:
     logging.info("JSONL pairs: %d files, %d pairs kept, %d malformed lines skipped",
                  len(self._paths), len(self._prompts), self.num_malformed)
 
+  @property
+  def skipped_at_start(self) -> dict[str, int]:
+    """What was left out while indexing, by `skips` kind: the malformed lines."""
+    return {"line": self.num_malformed}
+
+  @property
+  def rows_at_start(self) -> int:
+    return self.num_lines
+
   def __len__(self) -> int:
     return len(self._prompts)
 
@@ -91,13 +100,12 @@ class JsonlPairsSource:
     return f"JsonlPairsSource(files={len(self._paths)}, pairs={len(self)}, digest={self._digest})"
 
   def __getitem__(self, pair_id: int) -> dict:
-    record = {"caption": self._prompts[pair_id], "winner": b"", "loser": b"",
-              "pair_ids": int(pair_id)}
+    record = {"caption": self._prompts[pair_id], "pair_ids": int(pair_id)}
     try:
       for side, path in (("winner", self._chosen[pair_id]), ("loser", self._rejected[pair_id])):
         with open(path, "rb") as file:
           record[side] = file.read()
     except OSError as e:
-      # A missing image must not end a long run: the transforms skip records with an error.
-      record["error"] = f"cannot read {e.filename} ({e.strerror})"
+      # A missing image must not end a long run: the pair is skipped and counted.
+      return skips.skipped("file", pair_id, f"cannot read {e.filename} ({e.strerror})")
     return record

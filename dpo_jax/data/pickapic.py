@@ -29,12 +29,16 @@ PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1")
 MODEL_COLUMNS = ("model_0", "model_1")
 
 
-def _read_metadata(path: str) -> pq.FileMetaData:
+def _parquet_metadata(path: str) -> pq.FileMetaData:
   try:
-    metadata = pq.read_metadata(path)
+    return pq.read_metadata(path)
   except (pa.ArrowInvalid, OSError):
-    raise UserError(f"{path} is not a readable parquet file; point data.train_files at the "
-                    "Pick-a-Pic parquet shards") from None
+    raise UserError(f"{path} is not a readable parquet file; point at the Pick-a-Pic parquet "
+                    "shards") from None
+
+
+def _read_metadata(path: str) -> pq.FileMetaData:
+  metadata = _parquet_metadata(path)
   missing = [c for c in LABEL_COLUMNS + PAIR_COLUMNS if c not in metadata.schema.names]
   if missing:
     raise UserError(f"{path} lacks the Pick-a-Pic column(s) {', '.join(missing)}; use the "
@@ -60,11 +64,14 @@ def _both_models_match(table: pa.Table, substrings: Sequence[str]) -> np.ndarray
   return keep.to_numpy(zero_copy_only=False)
 
 
-def _decisive_rows(path: str, metadata: pq.FileMetaData,
-                   model_filter: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
-  """(row numbers, winner side 0/1) of the rows with a strict preference; ties are dropped.
+def _decisive_rows(path: str, metadata: pq.FileMetaData, model_filter: Sequence[str] = ()
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+  """(row numbers, winner side 0/1, rows left out by `skips` kind) of the rows with a strict
+  preference: the official code drops ties (label_0 = 0.5).
 
-  With `model_filter`, only rows whose two images both come from a matching model are kept.
+  has_label = False is 'unlabeled' (whatever the labels hold); otherwise a null or
+  contradictory label is bad input ('label'). With `model_filter`, kept rows whose two
+  images are not both from a matching model are 'filtered'. Each row counts once.
   """
   columns = list(LABEL_COLUMNS) + (["has_label"] if "has_label" in metadata.schema.names else [])
   if model_filter:
@@ -75,16 +82,38 @@ def _decisive_rows(path: str, metadata: pq.FileMetaData,
     columns += MODEL_COLUMNS
   with pq.ParquetFile(path, metadata=metadata) as file:
     table = file.read(columns=columns)
-  # Nulls become NaN (labels) or False (has_label) and so fail the test below.
+  # Nulls become NaN, which no test below passes.
   label_0 = table["label_0"].to_numpy(zero_copy_only=False).astype(np.float64)
   label_1 = table["label_1"].to_numpy(zero_copy_only=False).astype(np.float64)
-  keep = ((label_0 == 0) | (label_0 == 1)) & (label_1 == 1 - label_0)
+  unlabeled = np.zeros(len(label_0), bool)
   if "has_label" in columns:
-    keep &= table["has_label"].fill_null(False).to_numpy(zero_copy_only=False)
+    unlabeled = ~table["has_label"].fill_null(False).to_numpy(zero_copy_only=False)
+  decisive = ((label_0 == 0) | (label_0 == 1)) & (label_1 == 1 - label_0) & ~unlabeled
+  tie = (label_0 == label_1) & (label_0 > 0) & (label_0 < 1) & ~unlabeled
+  bad_label = ~(decisive | tie | unlabeled)
+  filtered = np.zeros_like(decisive)
   if model_filter:
-    keep &= _both_models_match(table, model_filter)
+    filtered = decisive & ~_both_models_match(table, model_filter)
+  keep = decisive & ~filtered
+  left_out = {"label": int(bad_label.sum()), "unlabeled": int(unlabeled.sum()),
+              "tie": int(tie.sum()), "filtered": int(filtered.sum())}
   rows = np.flatnonzero(keep)
-  return rows, (label_0[rows] == 0).astype(np.int8)
+  return rows, (label_0[rows] == 0).astype(np.int8), left_out
+
+
+def read_captions(files: str | Sequence[str]) -> list[str]:
+  """The distinct non-empty captions of parquet files in the Pick-a-Pic schema, in file order:
+  the prompts of the `validation_unique` / `test_unique` splits, for evaluation."""
+  paths = files_lib.expand_files(files) if isinstance(files, str) else list(files)
+  captions = {}
+  for path in paths:
+    if "caption" not in _parquet_metadata(path).schema.names:
+      raise UserError(f"{path} has no caption column; point at Pick-a-Pic's "
+                      "validation_unique (or test_unique) parquet files")
+    for caption in pq.read_table(path, columns=["caption"])["caption"].to_pylist():
+      if isinstance(caption, str) and caption.strip():
+        captions.setdefault(caption, None)
+  return list(captions)
 
 
 class PickapicSource:
@@ -109,13 +138,15 @@ class PickapicSource:
                            for g in range(len(groups))]
     file_starts = np.concatenate([[0], np.cumsum([m.num_rows for m in self._metadata])])
     self._model_filter = parse_model_filter(model_filter)
-    rows, winners = zip(*(_decisive_rows(p, m, self._model_filter)
-                          for p, m in zip(self._paths, self._metadata)))
+    rows, winners, left_out = zip(*(_decisive_rows(p, m, self._model_filter)
+                                    for p, m in zip(self._paths, self._metadata)))
     self._rows = np.concatenate([r + s for r, s in zip(rows, file_starts)]).astype(np.int64)
     self._winners = np.concatenate(winners)
     self.num_rows = int(file_starts[-1])
-    # Ties, unlabeled rows and those data.model_filter leaves out.
+    # Ties, unlabeled rows, bad labels and those data.model_filter leaves out.
     self.num_dropped = self.num_rows - len(self._rows)
+    self.skipped_at_start = {kind: sum(counts[kind] for counts in left_out)
+                             for kind in left_out[0]}
     if not len(self._rows) and self._model_filter:
       raise UserError(f"data.model_filter={model_filter!r} keeps no pair with a winner in the "
                       f"{len(self._paths)} file(s); check the model names or unset it")
@@ -124,9 +155,12 @@ class PickapicSource:
                       "winner (all ties or unlabeled); point at the Pick-a-Pic train shards")
     self._cache_size = cache_row_groups
     self._init_cache()
-    logging.info("Pick-a-Pic: %d files, %d rows, %d pairs kept, %d ties/unlabeled%s dropped",
-                 len(self._paths), self.num_rows, len(self._rows), self.num_dropped,
-                 f"/not {'|'.join(self._model_filter)}" if self._model_filter else "")
+    logging.info("Pick-a-Pic: %d files, %d rows, %d pairs kept, left out: %s",
+                 len(self._paths), self.num_rows, len(self._rows), self.skipped_at_start)
+
+  @property
+  def rows_at_start(self) -> int:
+    return self.num_rows
 
   def _init_cache(self):
     self._cache = collections.OrderedDict()

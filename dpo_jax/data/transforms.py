@@ -1,10 +1,12 @@
 """One preference pair -> training arrays: decode, resize, crop, flip, prompt dropout, tokenize.
 
 Pure functions of (record, seed, epoch, pair id), following the official Diffusion-DPO code:
-torchvision `Resize(R)` (shorter side to R, bilinear; PIL's resize is antialiased as torchvision's
-PIL path), center or random crop, an independent random flip per image, [-1, 1] scaling,
-the caption replaced by "" for a fraction of pairs. Crop coordinates follow diffusers' SDXL
-convention (flip, then crop; (top, left) in the resized image) so they can feed time ids.
+any image mode converted to RGB (CMYK, greyscale, palette; alpha dropped), torchvision
+`Resize(R)` (shorter side to R, bilinear; PIL's resize is antialiased as torchvision's PIL
+path), center or random crop, an independent random flip per image (or, as an option, one per
+pair), [-1, 1] scaling, the caption replaced by "" for a fraction of pairs. Crop coordinates
+follow diffusers' SDXL convention (flip, then crop; (top, left) in the resized image) so they
+can feed time ids. A pair that cannot be used comes out as a `skips.skipped` record.
 """
 import io
 from collections.abc import Sequence
@@ -12,19 +14,23 @@ from collections.abc import Sequence
 import grain.python as grain
 import numpy as np
 import transformers
-from absl import logging
 from PIL import Image
 
 # Not dpo_jax.encode: that pulls JAX and Flax into every grain worker process.
+from dpo_jax.data import skips
 from dpo_jax.models import tokenizer as tokenizer_lib
 
 # Draws per image, in this order: flip, crop top, crop left.
 _DRAWS_PER_IMAGE = 3
+# Images that would be upscaled more than this (a 1-pixel image, a thumbnail) carry no
+# detail worth learning from; longer aspect ratios would make a huge intermediate resize.
+MAX_UPSCALE = 8
+MAX_ASPECT_RATIO = 8
 
 
 def pair_rng(seed: int, epoch: int, pair_id: int) -> np.random.Generator:
   """The pair's own stream: a function of (seed, epoch, pair id), never of batch or host."""
-  return np.random.default_rng([seed, epoch, pair_id])
+  return np.random.default_rng([int(seed), int(epoch), int(pair_id)])
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -57,29 +63,54 @@ def augment(image: Image.Image, resolution: int, draws: np.ndarray, *, random_cr
   return pixels, original, (top, left)
 
 
-def decode_jpeg(data: bytes) -> Image.Image:
-  """Any format PIL reads (JPEG, PNG, WebP, ...): JSONL pairs are not only JPEGs."""
+def decode_image(data: bytes) -> Image.Image:
+  """Any format PIL reads (JPEG, PNG, WebP, ...) in any mode, as RGB as the official code."""
   with Image.open(io.BytesIO(data)) as image:
     return image.convert("RGB")
 
 
+def unusable_size(image: Image.Image, resolution: int) -> str | None:
+  """Why an image is too small or too elongated to train on at `resolution`, or None."""
+  short, long = sorted(image.size)
+  if short * MAX_UPSCALE < resolution:
+    return f"{image.width}x{image.height} is too small for resolution {resolution}"
+  if long > short * MAX_ASPECT_RATIO:
+    return f"{image.width}x{image.height} is more elongated than {MAX_ASPECT_RATIO}:1"
+  return None
+
+
+def pair_draws(seed: int, epoch: int, pair_id: int, *, shared_flip: bool) -> np.ndarray:
+  """[1 + 2 x 3] uniforms: prompt dropout, then (flip, crop top, crop left) per image.
+
+  With `shared_flip` the loser takes the winner's flip draw: both images flip together.
+  """
+  draws = pair_rng(seed, epoch, pair_id).random(1 + 2 * _DRAWS_PER_IMAGE)
+  if shared_flip:
+    draws[1 + _DRAWS_PER_IMAGE] = draws[1]
+  return draws
+
+
 def prepare_pair(record: dict, *, seed: int, resolution: int, random_crop: bool,
-                 random_flip: bool, empty_prompt_prob: float) -> dict:
-  """A source record plus its `epochs` -> one pair's arrays, or {'error': why, ...} to skip.
+                 random_flip: bool, empty_prompt_prob: float, shared_flip: bool = False) -> dict:
+  """A source record plus its `epochs` -> one pair's arrays, or a `skips.skipped` record.
 
   Output: pixels [2, R, R, 3] float32 (winner, loser), original_size and crop_top_left
   [2, 2] int32 (h, w) / (top, left), caption (str), pair_ids and epochs (int32 scalars).
   """
   ids = {"pair_ids": np.int32(record["pair_ids"]), "epochs": np.int32(record["epochs"])}
-  if "error" in record:  # The source could not read the pair (e.g. a missing image file).
-    return {"error": record["error"], **ids}
+  if "skip" in record:  # The source left it out: a tie, a missing image file, ...
+    return {**record, **ids}
+  skip = lambda kind, why: {**skips.skipped(kind, record["pair_ids"], why), **ids}
   if not isinstance(record["caption"], str):
-    return {"error": "no caption", **ids}
+    return skip("caption", "no caption")
   try:
-    images = [decode_jpeg(record[side]) for side in ("winner", "loser")]
+    images = [decode_image(record[side]) for side in ("winner", "loser")]
   except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
-    return {"error": f"undecodable image ({e})", **ids}
-  draws = pair_rng(seed, record["epochs"], record["pair_ids"]).random(1 + 2 * _DRAWS_PER_IMAGE)
+    return skip("image", f"undecodable image ({e})")
+  for image in images:
+    if why := unusable_size(image, resolution):
+      return skip("image", why)
+  draws = pair_draws(seed, record["epochs"], record["pair_ids"], shared_flip=shared_flip)
   # One dropout decision per pair: winner and loser must be judged under the same prompt.
   caption = "" if draws[0] < empty_prompt_prob else record["caption"]
   outputs = [augment(image, resolution, image_draws, random_crop=random_crop,
@@ -101,27 +132,17 @@ def tokenize_pair(element: dict, tokenizers: Sequence[transformers.CLIPTokenizer
 
 
 class PreparePair(grain.MapTransform):
+  """`prepare_pair` with the run's options (keyword arguments of `prepare_pair`)."""
 
-  def __init__(self, *, seed: int, resolution: int, random_crop: bool, random_flip: bool,
-               empty_prompt_prob: float):
-    self._options = dict(seed=seed, resolution=resolution, random_crop=random_crop,
-                         random_flip=random_flip, empty_prompt_prob=empty_prompt_prob)
+  def __init__(self, **options):
+    self._options = options
 
   def map(self, element: dict) -> dict:
     return prepare_pair(element, **self._options)
 
 
-class DropFailed(grain.FilterTransform):
-  """Skips pairs `PreparePair` could not use: one bad row must not end a days-long run."""
-
-  def filter(self, element: dict) -> bool:
-    if "error" in element:
-      logging.warning("Skipping pair %d: %s", element["pair_ids"], element["error"])
-      return False
-    return True
-
-
 class Tokenize(grain.MapTransform):
+  """`tokenize_pair`; runs after `skips.CountSkipped`, so only on pairs that are kept."""
 
   def __init__(self, tokenizers: Sequence[transformers.CLIPTokenizer]):
     self._tokenizers = tuple(tokenizers)
