@@ -7,7 +7,7 @@ import ml_collections
 from dpo_jax.errors import UserError
 
 _CHOICES = {
-    ("data", "format"): ("synthetic", "pickapic", "jsonl"),
+    ("data", "format"): ("synthetic", "pickapic", "jsonl", "tfds"),
     ("data", "sdxl_time_ids"): ("constant", "actual"),
     ("dpo", "loss"): ("dpo", "sft"),
     ("optim", "name"): ("adamw", "adafactor"),
@@ -30,10 +30,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"{section}.{key} must be > 0, got {value}; set --config.{section}.{key}")
   if config.optim.peak_lr is not None and config.optim.peak_lr < 0:
     raise UserError(f"optim.peak_lr must be >= 0, got {config.optim.peak_lr}")
+  if not 0 <= config.data.max_bad_fraction <= 1:
+    raise UserError(f"data.max_bad_fraction must be in [0, 1], got "
+                    f"{config.data.max_bad_fraction}; set --config.data.max_bad_fraction")
   if config.data.resolution % 8:
     raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
                     "VAE downsamples by 8)")
   # Caught here, before minutes of model loading: the real-run configs leave it unset on purpose.
+  if not config.data.get("cache_dir"):  # A latent cache names the data it was made from.
+    _check_data_source(config)
+
+
+def _check_data_source(config: ml_collections.ConfigDict) -> None:
+  if config.data.format == "tfds" and not config.data.tfds_name:
+    raise UserError("data.tfds_name is not set; data.format='tfds' needs a TFDS dataset: pass "
+                    "--config.data.tfds_name=NAME (with --config.data.tfds_data_dir=DIR) or "
+                    "a prepared version folder")
   if config.data.format in ("pickapic", "jsonl") and not config.data.train_files:
     example = "DIR/*.parquet" if config.data.format == "pickapic" else "pairs.jsonl"
     raise UserError(f"data.train_files is not set; data.format='{config.data.format}' needs "

@@ -32,10 +32,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   # 'synthetic': latent pairs with a learnable preference (winners have a positive mean in
   # channel 0), made in memory, so the demo needs no files. 'pickapic': Pick-a-Pic v2
-  # parquet shards as published; 'jsonl': your own {"prompt", "chosen", "rejected"} lines
-  # (both need model.pretrained).
+  # parquet shards as published; 'jsonl': your own {"prompt", "chosen", "rejected"} lines;
+  # 'tfds': a TFDS dataset (array_record) with Pick-a-Pic's features (all need
+  # model.pretrained).
   config.data.format = "synthetic"
   config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
+  # data.format='tfds': 'name', 'name:1.0.0' (found in tfds_data_dir) or a prepared version
+  # folder; read with tfds.data_source, without TensorFlow.
+  config.data.tfds_name = config_dict.placeholder(str)
+  config.data.tfds_split = "train"
+  config.data.tfds_data_dir = config_dict.placeholder(str)
+  # A latent cache written by `python -m dpo_jax.prepare`: when set, training reads it
+  # instead of the images (no VAE or text encoder in the step, no JPEG decoding).
+  config.data.cache_dir = config_dict.placeholder(str)
   # Pick-a-Pic only: comma-separated substrings; keep a pair only if both images' model names
   # contain one (case-insensitive). The paper's Dreamlike-only subset: 'dreamlike'.
   config.data.model_filter = config_dict.placeholder(str)
@@ -43,8 +52,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.context_length = 8  # Text tokens of the synthetic conditioning.
   config.data.random_crop = False  # Official default: centre crop.
   config.data.random_flip = True  # Official: per-image horizontal flip.
+  # True: winner and loser flip together (one draw per pair), so a pair never differs by a
+  # mirror alone; the official code draws each image's flip on its own.
+  config.data.shared_flip = False
   config.data.empty_prompt_prob = 0.2  # Official proportion_empty_prompts (one per pair).
   config.data.workers = 0  # grain worker processes decoding JPEGs (0: in the main process).
+  # Unusable pairs (undecodable or tiny images, null captions or labels, missing files,
+  # malformed lines) are skipped and counted; the run stops, saved, once their share of the
+  # pairs read passes this (judged after 1000 pairs).
+  config.data.max_bad_fraction = 0.05
   # SDXL time ids: 'constant' (R, R, 0, 0, R, R) as the official DPO code, or 'actual'
   # original size and crop of each image (diffusers' training convention).
   config.data.sdxl_time_ids = "constant"

@@ -9,7 +9,7 @@ import ml_collections
 
 from dpo_jax import diffusion, optim, parallel
 from dpo_jax.checkpoint import Checkpointer
-from dpo_jax.data import loader, synthetic
+from dpo_jax.data import latent_cache, loader, skips, synthetic
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_log import MetricsLog
 from dpo_jax.models import pipeline as pipeline_lib, unet_io
@@ -62,37 +62,38 @@ def _initial_state(initial_params, optimizer, config: ml_collections.ConfigDict)
 def make_data_iterator(config: ml_collections.ConfigDict, models: Models):
   """Host-local batches of this process's share of `train.batch_pairs`, with get/set_state."""
   host_slice = parallel.host_slice(config.train.batch_pairs)
-  if config.data.format == "synthetic":
+  if config.data.format == "synthetic" and not config.data.cache_dir:
     return synthetic.SyntheticIterator(
         batch_pairs=config.train.batch_pairs, host_slice=host_slice, seed=config.train.seed,
         latent_size=config.data.resolution // 8, channels=models.unet.config.in_channels,
         context_length=config.data.context_length,
         context_dim=models.unet.config.cross_attention_dim[0])
-  if config.data.format in ("pickapic", "jsonl"):
-    if models.encoders is None:
-      raise UserError(f"data.format={config.data.format!r} needs model.pretrained: a diffusers "
-                      "pipeline whose VAE and text encoders turn images and captions into UNet "
-                      "inputs")
-    return _GrainData(loader.make_train_iterator(
-        config, models.tokenizers, process_index=jax.process_index(),
-        process_count=jax.process_count()))
+  if models.encoders is None:
+    raise UserError(f"data.format={config.data.format!r} needs model.pretrained: a diffusers "
+                    "pipeline whose VAE and text encoders turn images and captions into UNet "
+                    "inputs")
+  if config.data.cache_dir:
+    metadata = latent_cache.read_metadata(config.data.cache_dir)
+    latent_cache.check_compatible(
+        metadata, kind=models.encoders.kind, resolution=config.data.resolution,
+        fingerprint=latent_cache.encoders_fingerprint(models.frozen_params["vae"],
+                                                      models.frozen_params["text_encoders"]),
+        folder=config.data.cache_dir)
+  if config.data.cache_dir or config.data.format in ("pickapic", "jsonl", "tfds"):
+    return loader.make_train_iterator(config, models.tokenizers,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
   raise ValueError(f"data.format {config.data.format!r}")  # config_checks refuses it first.
 
 
-class _GrainData:
-  """A grain iterator with the synthetic iterator's get_state / set_state."""
-
-  def __init__(self, iterator):
-    self._iterator = iterator
-
-  def __next__(self):
-    return next(self._iterator)
-
-  def get_state(self) -> dict:
-    return loader.iterator_state(self._iterator)
-
-  def set_state(self, state: dict) -> None:
-    loader.restore_iterator(self._iterator, state)
+def _this_hosts_data_state(saved: dict, where: str) -> dict:
+  """This process's entry of a checkpoint's per-host data states."""
+  hosts = saved["hosts"]
+  if len(hosts) != jax.process_count():
+    raise UserError(f"the checkpoint in {where} was written by {len(hosts)} process(es) and "
+                    f"this run has {jax.process_count()}: each reads its own share of the data; "
+                    "resume with the same host count or start a new --workdir")
+  return hosts[jax.process_index()]
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
@@ -118,8 +119,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   state_shardings = shardings(jax.eval_shape(make_state, models.initial_params))
   state = jax.jit(make_state, in_shardings=(state_shardings.params,),  # Born sharded.
                   out_shardings=state_shardings)(models.initial_params)
-  frozen_shardings = shardings(models.frozen_params)
-  frozen = jax.device_put(models.frozen_params, frozen_shardings)
+  # A latent cache has done the frozen encoders' work: their params stay off the devices.
+  frozen_params = None if config.data.cache_dir else models.frozen_params
+  frozen_shardings = shardings(frozen_params)
+  frozen = jax.device_put(frozen_params, frozen_shardings)
   batch_sharding = parallel.batch_sharding(mesh)
   pair_loss = make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
                              loss_name=config.dpo.loss, seed=config.train.seed,
@@ -133,18 +136,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   start = checkpointer.latest_step() or 0
   if start:
     state, data_state = checkpointer.restore(start, state)
-    data.set_state(data_state)
+    data.set_state(_this_hosts_data_state(data_state, workdir))
     print(f"resumed from step {start} in {workdir}", flush=True)
-  lr_at = optim.learning_rate_schedule(config)
   log = MetricsLog(workdir, config.train.steps)
-  for step in range(start + 1, config.train.steps + 1):
+  try:
+    state = _run_steps(config, start, state, frozen, step_fn, data, batch_sharding,
+                       checkpointer, log)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    log.close()
+  return state
+
+
+def _run_steps(config, start: int, state, frozen, step_fn, data, batch_sharding,
+               checkpointer: Checkpointer, log: MetricsLog):
+  """Steps start + 1 .. train.steps: log, save, and stop on too much bad data."""
+  lr_at = optim.learning_rate_schedule(config)
+  last = config.train.steps
+  for step in range(start + 1, last + 1):
     state, metrics = step_fn(state, frozen, parallel.host_to_global(next(data), batch_sharding))
-    if step % config.train.log_every == 0 or step in (1, config.train.steps):
-      log.write(step, jax.device_get(metrics), lr=float(lr_at(step - 1)),
-                pairs=config.train.batch_pairs)
-    checkpointer.save(step, state, data.get_state(), config.to_dict(),
-                      force=step == config.train.steps)
-  checkpointer.wait()
-  checkpointer.close()
-  log.close()
+    too_bad = None
+    if step % config.train.log_every == 0 or step in (1, last):
+      counts = skips.sum_counts(parallel.gather_from_hosts(data.counts))
+      log.write(step, {**jax.device_get(metrics), **skips.to_metrics(counts)},
+                lr=float(lr_at(step - 1)), pairs=config.train.batch_pairs)
+      too_bad = skips.too_many_bad(counts, config.data.max_bad_fraction, f"step {step}")
+    if too_bad or step == last or checkpointer.due(step):
+      # Every host's data position, as each reads its own share.
+      data_state = {"hosts": parallel.gather_from_hosts(data.get_state())}
+      checkpointer.save(step, state, data_state, config.to_dict(), force=bool(too_bad) or step == last)
+    if too_bad:
+      raise UserError(f"{too_bad}. Step {step} is saved: the same command resumes from it")
+  counts = skips.sum_counts(parallel.gather_from_hosts(data.counts))
+  log.print(f"data: {skips.describe(counts)}")
+  if any(data.skipped_at_start.values()):
+    log.print(f"data files, while indexing: {skips.describe(data.skipped_at_start)}")
   return state

@@ -49,30 +49,54 @@ def pair_noise(keys: jax.Array, latent_shape: tuple[int, ...],
   return jax.vmap(draw)(keys)
 
 
+def _posterior_samples(encoders: Encoders, mean: jax.Array, logvar: jax.Array,
+                       keys: jax.Array) -> jax.Array:
+  """[B, 2, h, w, C] moments -> model latents: each image draws its own posterior sample
+  (the official code's latent_dist.sample()) from its pair's key, so a cached pair and the
+  same pair encoded in the step get the same sample."""
+  image_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 1)))(keys)
+  noise = jax.vmap(jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32)))(
+      image_keys, mean)
+  latents = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise
+  return vae_lib.to_model_latents(latents, encoders.vae.config)
+
+
+def _added_conditions(encoders: Encoders, batch, pooled, resolution: tuple[int, int]) -> dict:
+  """SDXL's `text_embeds` and `time_ids` for the [2B] images; {} for SD 1.x/2.x."""
+  if encoders.kind != "sdxl":
+    return {}
+  images = 2 * batch["pair_ids"].shape[0]
+  if encoders.constant_time_ids:
+    time_ids = jnp.tile(encode.sdxl_time_ids(resolution, (0, 0), resolution), (images, 1))
+  else:
+    time_ids = encode.sdxl_time_ids(batch["original_size"].reshape(-1, 2),
+                                    batch["crop_top_left"].reshape(-1, 2), resolution)
+  return {"text_embeds": jnp.repeat(pooled.astype(jnp.float32), 2, axis=0), "time_ids": time_ids}
+
+
 def _encode_pixels(encoders: Encoders, frozen, batch, keys):
   """Pixels [B, 2, R, R, 3] and token ids -> latents [B, 2, h, w, C], context, added conds."""
   pairs, _, height, width, _ = batch["pixels"].shape
   images = batch["pixels"].reshape(2 * pairs, height, width, 3)
   mean, logvar = encoders.vae.apply({"params": frozen["vae"]}, images, method="encode")
-  # Each image draws its own posterior sample, as the official code's latent_dist.sample().
-  image_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 1)))(keys).reshape(-1)
-  noise = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32))(image_keys, mean)
-  latents = vae_lib.to_model_latents(mean + jnp.exp(0.5 * logvar) * noise, encoders.vae.config)
+  moments = (x.reshape(pairs, 2, *x.shape[1:]) for x in (mean, logvar))
+  latents = _posterior_samples(encoders, *moments, keys)
   token_ids = [batch[f"input_ids_{i}"] for i in range(len(encoders.text_encoders))]
   prompt_encoders = encode.PromptEncoders(
       encoders.kind, tuple(zip(encoders.text_encoders, frozen["text_encoders"])))
   context, pooled = encode.encode_prompts(prompt_encoders, token_ids)
-  added = {}
-  if encoders.kind == "sdxl":
-    if encoders.constant_time_ids:
-      time_ids = jnp.tile(encode.sdxl_time_ids((height, width), (0, 0), (height, width)),
-                          (2 * pairs, 1))
-    else:
-      time_ids = encode.sdxl_time_ids(batch["original_size"].reshape(-1, 2),
-                                      batch["crop_top_left"].reshape(-1, 2), (height, width))
-    added = {"text_embeds": jnp.repeat(pooled, 2, axis=0), "time_ids": time_ids}
-  latents = jax.lax.stop_gradient(latents.reshape(pairs, 2, *latents.shape[1:]))
-  return latents, jax.lax.stop_gradient(context), jax.lax.stop_gradient(added)
+  added = _added_conditions(encoders, batch, pooled, (height, width))
+  return tuple(jax.lax.stop_gradient(x) for x in (latents, context, added))
+
+
+def _from_cache(encoders: Encoders, batch, keys):
+  """A latent-cache batch (`data.latent_cache`): moments and embeddings -> the same inputs
+  `_encode_pixels` makes, without the frozen encoders."""
+  latents = _posterior_samples(encoders, batch["latent_mean"], batch["latent_logvar"], keys)
+  factor = encoders.vae.config.downscale_factor
+  resolution = (latents.shape[2] * factor, latents.shape[3] * factor)
+  added = _added_conditions(encoders, batch, batch.get("pooled"), resolution)
+  return latents, batch["context"].astype(jnp.float32), added
 
 
 def make_pair_loss(model, schedule: diffusion.NoiseSchedule, *, beta: float, loss_name: str,
@@ -82,9 +106,10 @@ def make_pair_loss(model, schedule: diffusion.NoiseSchedule, *, beta: float, los
   The batch keeps pairs on its leading axis so that each device holds whole pairs: either
   `pixels` [B, 2, R, R, 3] (winner at index 0 of axis 1) with `input_ids_{i}` [B, L] per text
   encoder (and SDXL's `original_size`, `crop_top_left` [B, 2, 2]), encoded here by the
-  frozen `encoders`; or ready `latents` [B, 2, h, w, C] and `context` [B, T, D]. `pair_ids`
-  (and optional `epochs`) [B] seed each pair's randomness. `frozen` holds the encoders'
-  params ({'vae', 'text_encoders'}); None without encoders.
+  frozen `encoders`; or the latent cache's `latent_mean`, `latent_logvar` [B, 2, h, w, C],
+  `context` [B, T, D] (and SDXL's `pooled` [B, P]); or ready `latents` [B, 2, h, w, C] and
+  `context` [B, T, D]. `pair_ids` (and optional `epochs`) [B] seed each pair's randomness.
+  `frozen` holds the encoders' params ({'vae', 'text_encoders'}), needed only for pixels.
   """
 
   def pair_loss(params, reference_params, frozen, batch):
@@ -93,6 +118,8 @@ def make_pair_loss(model, schedule: diffusion.NoiseSchedule, *, beta: float, los
     keys = pair_keys(seed, epochs, batch["pair_ids"])
     if "pixels" in batch:
       latents, context, added = _encode_pixels(encoders, frozen, batch, keys)
+    elif "latent_mean" in batch:
+      latents, context, added = _from_cache(encoders, batch, keys)
     else:
       latents, context, added = batch["latents"], batch["context"], {}
     # [B, 2, ...] -> [2B, ...] interleaves w0, l0, w1, l1 without moving data between devices.

@@ -1,4 +1,5 @@
-"""Preference pairs (Pick-a-Pic or JSONL) -> this host's batches, through a resumable grain loader.
+"""Preference pairs (Pick-a-Pic, JSONL, TFDS or the latent cache) -> this host's batches, through a
+resumable grain loader.
 
 Each host reads a disjoint 1/process_count of the pairs (grain's ShardOptions) in an order
 shuffled anew every epoch, forever; each pair's crop, flip and prompt dropout come from
@@ -6,6 +7,8 @@ shuffled anew every epoch, forever; each pair's crop, flip and prompt dropout co
 Batches hold `pixels` [B, 2, R, R, 3] float32 (winner, loser), `input_ids_{i}` [B, L_i] int32
 (one per tokenizer), `original_size` and `crop_top_left` [B, 2, 2] int32, `pair_ids` and
 `epochs` [B] int32, with B = train.batch_pairs / process_count (see `parallel.host_slice`).
+Pairs that cannot be used are skipped on the way and counted (`skips`): `PairBatches` keeps
+the counts, and saves them with the iterator's position.
 """
 import json
 from collections.abc import Iterator, Sequence
@@ -13,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import grain.python as grain
 import transformers
 
-from dpo_jax.data import jsonl_pairs, pickapic, transforms
+from dpo_jax.data import jsonl_pairs, latent_cache, pickapic, skips, tfds_pairs, transforms
 from dpo_jax.errors import UserError
 
 # Raw records hold two JPEGs (~0.7 MB for Pick-a-Pic): bound what the read threads hold.
@@ -37,29 +40,57 @@ class _AddEpoch:
       yield grain.Record(record.metadata, {**record.data, "epochs": epoch})
 
 
-def make_source(data_config) -> pickapic.PickapicSource | jsonl_pairs.JsonlPairsSource:
-  """The random-access source `data.format` names; both give the same records."""
+def make_source(data_config):
+  """The random-access source `data.format` names; all give the same records."""
   model_filter = data_config.get("model_filter")
-  if data_config.get("format", "pickapic") == "jsonl":
+  data_format = data_config.get("format", "pickapic")
+  if data_format == "jsonl":
     if model_filter:
       raise UserError("data.model_filter reads Pick-a-Pic's model_0/model_1 columns; JSONL "
                       "pairs have none: unset --config.data.model_filter")
     return jsonl_pairs.JsonlPairsSource(data_config.train_files)
+  if data_format == "tfds":
+    return tfds_pairs.TfdsPairsSource(data_config.tfds_name, split=data_config.tfds_split,
+                                      data_dir=data_config.get("tfds_data_dir"),
+                                      model_filter=model_filter)
   return pickapic.PickapicSource(data_config.train_files, model_filter=model_filter)
 
 
+def _prepare_pair(config, empty_prompt_prob: float) -> transforms.PreparePair:
+  return transforms.PreparePair(seed=config.train.seed, resolution=config.data.resolution,
+                                random_crop=config.data.random_crop,
+                                random_flip=config.data.random_flip,
+                                shared_flip=config.data.get("shared_flip", False),
+                                empty_prompt_prob=empty_prompt_prob)
+
+
 def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer], *,
-                        process_index: int, process_count: int) -> grain.PyGrainDatasetIterator:
-  """An endless iterator of this host's batches of `config.data.train_files`.
+                        process_index: int, process_count: int) -> "PairBatches":
+  """An endless iterator of this host's batches: of the latent cache `config.data.cache_dir`
+  when set (see `latent_cache`), else of `config.data.train_files`.
 
   Args:
-    config: reads data.{format, train_files, model_filter, resolution, random_crop, random_flip,
-      empty_prompt_prob, workers} and train.{batch_pairs, seed}.
+    config: reads data.{format, train_files, cache_dir, model_filter, resolution,
+      random_crop, random_flip, shared_flip, empty_prompt_prob, workers, max_bad_fraction}
+      and train.{batch_pairs, seed}.
     tokenizers: the pipeline's tokenizers in model_index order (SDXL: two).
     process_index: this host, `jax.process_index()`.
     process_count: the number of hosts, `jax.process_count()`.
   """
-  source = make_source(config.data)
+  if config.data.get("cache_dir"):
+    source = latent_cache.LatentCacheSource(config.data.cache_dir)
+    pair_operations = [latent_cache.CachedPair(seed=config.train.seed,
+                                               empty_prompt_prob=config.data.empty_prompt_prob,
+                                               empty_prompt=source.empty_prompt)]
+  else:
+    source = make_source(config.data)
+    pair_operations = [_prepare_pair(config, config.data.empty_prompt_prob),
+                       skips.CountSkipped(), transforms.Tokenize(tokenizers)]
+  indexed = {"kept": len(source), **source.skipped_at_start}
+  error = skips.too_many_bad(indexed, config.data.get("max_bad_fraction", 1.0),
+                             "data.train_files")
+  if error:
+    raise UserError(error)
   per_host, rest = divmod(config.train.batch_pairs, process_count)
   if rest or not per_host:
     raise UserError(f"train.batch_pairs={config.train.batch_pairs} does not split evenly over "
@@ -67,30 +98,70 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
                     f"{process_count}")
   per_shard = len(source) // process_count
   if not per_shard:
-    raise UserError(f"data.train_files holds {len(source)} pairs, fewer than the "
-                    f"{process_count} hosts; give more data or run on fewer hosts")
+    raise UserError(f"the data holds {len(source)} pairs, fewer than the {process_count} "
+                    "hosts; give more data or run on fewer hosts")
   # Every host drops the same last len % process_count pairs, so the hosts' epochs align.
   shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                              drop_remainder=True)
   sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=True,
                                seed=config.train.seed, num_epochs=None)
-  operations = [
-      _AddEpoch(per_shard * process_count),
-      transforms.PreparePair(seed=config.train.seed, resolution=config.data.resolution,
-                             random_crop=config.data.random_crop,
-                             random_flip=config.data.random_flip,
-                             empty_prompt_prob=config.data.empty_prompt_prob),
-      transforms.DropFailed(),
-      transforms.Tokenize(tokenizers),
-      grain.Batch(batch_size=per_host, drop_remainder=True),
-  ]
+  operations = [_AddEpoch(per_shard * process_count), *pair_operations,
+                grain.Batch(batch_size=per_host, drop_remainder=True)]
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=config.data.workers, shard_options=shard,
                             read_options=_READ_OPTIONS)
-  return iter(loader)
+  return PairBatches(iter(loader), source.skipped_at_start)
 
 
-def iterator_state(iterator: grain.PyGrainDatasetIterator) -> dict:
+def make_prepare_iterator(config, source, tokenizers: Sequence[transformers.CLIPTokenizer], *,
+                          batch_pairs: int, process_index: int, process_count: int
+                          ) -> "PairBatches":
+  """One pass, in order, over this host's contiguous share of `source`, as epoch 0 of
+  training would prepare each pair (crop, flip) but with every caption kept: the latent
+  cache applies prompt dropout per epoch at train time. The last batch may be short."""
+  shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
+                             drop_remainder=False)
+  sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=False,
+                               seed=config.train.seed, num_epochs=1)
+  operations = [_AddEpoch(len(source)), _prepare_pair(config, empty_prompt_prob=0.0),
+                skips.CountSkipped(), transforms.Tokenize(tokenizers),
+                grain.Batch(batch_size=batch_pairs, drop_remainder=False)]
+  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=config.data.workers, shard_options=shard,
+                            read_options=_READ_OPTIONS)
+  return PairBatches(iter(loader), source.skipped_at_start)
+
+
+class PairBatches:
+  """This host's batches, counting what the pipeline skipped on the way.
+
+  `counts` are this host's streamed counts (`skips` kinds and 'kept'), since the run began:
+  they are saved and restored with the position. `skipped_at_start` are what the source
+  left out while indexing the files, the same on every host.
+  """
+
+  def __init__(self, iterator: grain.PyGrainDatasetIterator, skipped_at_start: dict[str, int]):
+    self._iterator = iterator
+    self.skipped_at_start = dict(skipped_at_start)
+    self.counts = skips.zero_counts()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._iterator)
+    self.counts = skips.add(self.counts, skips.pop_counts(batch))
+    return batch
+
+  def get_state(self) -> dict:
+    return {"position": _position(self._iterator), "counts": self.counts}
+
+  def set_state(self, state: dict) -> None:
+    _set_position(self._iterator, state["position"])
+    self.counts = skips.add(skips.zero_counts(), state["counts"])
+
+
+def _position(iterator: grain.PyGrainDatasetIterator) -> dict:
   """The iterator's position as JSON-ready data (for an orbax `JsonSave` item).
 
   It pins the files, train.seed, data.workers and the host count: a resume must keep them.
@@ -98,8 +169,8 @@ def iterator_state(iterator: grain.PyGrainDatasetIterator) -> dict:
   return json.loads(iterator.get_state())
 
 
-def restore_iterator(iterator: grain.PyGrainDatasetIterator, state: dict) -> None:
-  """Moves a fresh iterator to where `iterator_state` was taken: the next batch follows it."""
+def _set_position(iterator: grain.PyGrainDatasetIterator, state: dict) -> None:
+  """Moves a fresh iterator to where `_position` was taken: the next batch follows it."""
   try:
     iterator.set_state(json.dumps(state).encode())
   except ValueError:

@@ -47,6 +47,11 @@ class VAEConfig:
   mid_block_add_attention: bool = True
   raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
+  @property
+  def downscale_factor(self) -> int:
+    """Pixels per latent along each side: every block but the last halves the image."""
+    return 2 ** (len(self.block_out_channels) - 1)
+
   @classmethod
   def from_diffusers(cls, config: dict[str, Any], where: str = "vae/config.json") -> "VAEConfig":
     """Validates a diffusers AutoencoderKL config dict; `where` names the file in errors."""

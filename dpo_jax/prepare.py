@@ -1,0 +1,159 @@
+"""`python -m dpo_jax.prepare --config configs/NAME.py --output DIR`: the latent cache.
+
+Runs the training data pipeline once (data.format, data.train_files or data.tfds_name,
+data.resolution, epoch 0's crops and flips, every caption) through the frozen VAE and text
+encoders of model.pretrained, and writes the cache that `--config.data.cache_dir=DIR`
+trains from (format: `dpo_jax.data.latent_cache`). Started on several hosts by the same
+launchers as training, each host encodes and writes its own contiguous share of the pairs.
+"""
+import os
+import time
+
+from absl import flags
+
+from dpo_jax import cli
+from dpo_jax.errors import UserError
+
+# Per encode call; rounded up to a multiple of this host's devices.
+DEFAULT_BATCH_PAIRS = 16
+_PROGRESS_SECONDS = 30
+
+
+def _encode_function(pipe, dtype):
+  """A jitted (frozen params, batch) -> moments and embeddings, cast to the cache's dtype."""
+  import jax  # After flag parsing: JAX is slow to load.
+  from dpo_jax import encode
+
+  def encode_batch(frozen, batch):
+    pairs, _, height, width, _ = batch["pixels"].shape
+    mean, logvar = pipe.vae.apply({"params": frozen["vae"]},
+                                  batch["pixels"].reshape(2 * pairs, height, width, 3),
+                                  method="encode")
+    prompt_encoders = encode.PromptEncoders(
+        pipe.kind, tuple((module, params) for (module, _), params
+                         in zip(pipe.text_encoders, frozen["text_encoders"])))
+    token_ids = [batch[f"input_ids_{i}"] for i in range(len(pipe.text_encoders))]
+    context, pooled = encode.encode_prompts(prompt_encoders, token_ids)
+    out = {"latent_mean": mean.reshape(pairs, 2, *mean.shape[1:]),
+           "latent_logvar": logvar.reshape(pairs, 2, *logvar.shape[1:]), "context": context}
+    if pooled is not None:
+      out["pooled"] = pooled
+    return {name: value.astype(dtype) for name, value in out.items()}
+
+  return jax.jit(encode_batch)
+
+
+def _padded(batch: dict, size: int) -> dict:
+  """The last, short batch repeated up to `size` pairs: one compiled shape for every call."""
+  import numpy as np
+  rows = len(batch["pair_ids"])
+  index = np.minimum(np.arange(size), rows - 1)
+  return {name: value[index] for name, value in batch.items()}
+
+
+def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
+            dtype: str = "float16", overwrite: bool = False, process_index: int | None = None,
+            process_count: int | None = None) -> dict[str, int]:
+  """Writes this host's share of the cache in `output`; returns its counts (`skips`).
+
+  `process_index` / `process_count` default to JAX's: the share is this process's.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from dpo_jax import encode, parallel
+  from dpo_jax.data import latent_cache, loader, skips
+  from dpo_jax.models import pipeline as pipeline_lib
+
+  if config.model.pretrained is None:
+    raise UserError("model.pretrained is not set; the cache is encoded by its VAE and text "
+                    "encoders: pass --config.model.pretrained=PIPELINE_FOLDER")
+  if dtype not in ("float16", "float32", "bfloat16"):
+    raise UserError(f"--dtype={dtype} is not supported; use float16, bfloat16 or float32")
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if os.path.isfile(os.path.join(output, latent_cache.METADATA)) and not overwrite:
+    raise UserError(f"{output} already holds a latent cache; choose another --output or pass "
+                    "--overwrite")
+  os.makedirs(output, exist_ok=True)
+  # The encoders run in float32 whatever model.compute_dtype: encoding happens once.
+  pipe = pipeline_lib.load_pipeline(config.model.pretrained, variant=config.model.variant)
+  source = loader.make_source(config.data)
+  devices = jax.local_devices()
+  batch_pairs = -(-batch_pairs // len(devices)) * len(devices)
+  sharding = parallel.batch_sharding(parallel.make_mesh(-1, 1, devices))
+  frozen = {"vae": pipe.vae_params,
+            "text_encoders": tuple(params for _, params in pipe.text_encoders)}
+  fingerprint = latent_cache.encoders_fingerprint(frozen["vae"], frozen["text_encoders"])
+  frozen = jax.device_put(frozen, jax.sharding.NamedSharding(sharding.mesh,
+                                                             jax.sharding.PartitionSpec()))
+  encode_batch = _encode_function(pipe, jnp.dtype(dtype))
+
+  if index == 0:
+    empty_ids = encode.tokenize_prompts(pipe.tokenizers, [""])
+    context, pooled = encode.encode_prompts(pipe, empty_ids)
+    empty = {"context": np.asarray(context[0], dtype)}
+    if pooled is not None:
+      empty["pooled"] = np.asarray(pooled[0], dtype)
+    data = config.data
+    latent_cache.write_metadata(output, {
+        "kind": pipe.kind, "resolution": data.resolution, "dtype": dtype, "num_shards": count,
+        "pretrained": config.model.pretrained, "fingerprint": fingerprint,
+        "source": repr(source), "skipped_at_start": source.skipped_at_start,
+        "data": {key: data.get(key) for key in (
+            "format", "train_files", "tfds_name", "tfds_split", "model_filter", "random_crop",
+            "random_flip", "shared_flip")} | {"seed": config.train.seed}}, empty)
+
+  writer = latent_cache.ShardWriter(output, index, count)
+  batches = loader.make_prepare_iterator(config, source, pipe.tokenizers,
+                                         batch_pairs=batch_pairs, process_index=index,
+                                         process_count=count)
+  started = last_report = time.perf_counter()
+  for batch in batches:
+    rows = len(batch["pair_ids"])
+    encoded = jax.device_get(encode_batch(frozen, jax.device_put(_padded(batch, batch_pairs),
+                                                                 sharding)))
+    for row in range(rows):
+      writer.write({**{name: value[row] for name, value in encoded.items()},
+                    "original_size": batch["original_size"][row],
+                    "crop_top_left": batch["crop_top_left"][row],
+                    "pair_ids": batch["pair_ids"][row]})
+    if time.perf_counter() - last_report > _PROGRESS_SECONDS:
+      last_report = time.perf_counter()
+      print(f"host {index}: {writer.pairs} pairs encoded, "
+            f"{writer.pairs / (last_report - started):.1f} pairs/s", flush=True)
+  writer.close(batches.counts)
+  print(f"host {index}/{count}: wrote {writer.pairs} pairs to "
+        f"{latent_cache.shard_path(output, index, count)} ({skips.describe(batches.counts)})",
+        flush=True)
+  return batches.counts
+
+
+def run() -> None:
+  config = cli.define_config_flag()
+  output = flags.DEFINE_string("output", None, "The folder to write the cache in.")
+  batch_pairs = flags.DEFINE_integer("batch_pairs", DEFAULT_BATCH_PAIRS,
+                                     "Pairs per encode call on this host.")
+  dtype = flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"],
+                            "Storage dtype of latent moments and embeddings.")
+  overwrite = flags.DEFINE_bool("overwrite", False, "Replace a cache already in --output.")
+
+  def command(argv):
+    cli.check_arguments(argv, "--config, --config.KEY=VALUE, --output, --batch_pairs, --dtype "
+                        "and --overwrite")
+    if not output.value:
+      raise UserError("--output is required: the folder to write the latent cache in")
+    from dpo_jax import config_checks, parallel  # JAX is slow to load.
+    config_checks.check_config(config.value)
+    if config.value.data.get("cache_dir"):
+      raise UserError("data.cache_dir is set: prepare reads the raw pairs; unset it")
+    parallel.initialize_distributed(config.value)
+    prepare(config.value, output.value, batch_pairs=batch_pairs.value, dtype=dtype.value,
+            overwrite=overwrite.value)
+
+  cli.run(command)
+
+
+if __name__ == "__main__":
+  run()

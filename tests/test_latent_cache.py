@@ -1,0 +1,136 @@
+"""The latent cache: prepare once, then train from it exactly as from the raw images."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_data
+import tiny_models
+from dpo_jax import prepare as prepare_lib, train
+from dpo_jax.data import latent_cache, loader
+from dpo_jax.errors import UserError
+from dpo_jax.train_step import make_pair_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+PAIRS = 12
+
+
+def _write_files(kind: str, folder):
+  tiny_models.make_pipeline(kind).save_pretrained(folder / "pipeline")
+  tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=PAIRS, seed=0, size=44)
+  return folder
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def kind_and_files(request, tmp_path_factory):
+  return request.param, _write_files(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def sd_files(tmp_path_factory):
+  return _write_files("sd", tmp_path_factory.mktemp("sd"))
+
+
+def _config(folder, **data):
+  sys.path.insert(0, os.path.dirname(TINY_CONFIG))
+  import tiny  # configs/tiny.py
+  config = tiny.get_config()
+  config.model.pretrained = str(folder / "pipeline")
+  config.data.train_files = str(folder / "train.parquet")
+  # Random crops and flips, dropout and real SDXL time ids: all must survive the cache.
+  config.data.update(dict(random_crop=True, random_flip=True, empty_prompt_prob=0.5,
+                          sdxl_time_ids="actual") | data)
+  config.train.batch_pairs = 4
+  return config
+
+
+def test_training_from_the_cache_gives_the_raw_loss_for_the_same_noise(kind_and_files, tmp_path):
+  kind, folder = kind_and_files
+  config = _config(folder)
+  counts = prepare_lib.prepare(config, str(tmp_path / "cache"), batch_pairs=5, dtype="float32")
+  assert counts["kept"] == PAIRS
+  cached = config.copy_and_resolve_references()
+  cached.data.cache_dir = str(tmp_path / "cache")
+
+  models = train.load_models(config)
+  raw_batches = train.make_data_iterator(config, models)
+  cache_batches = train.make_data_iterator(cached, models)
+  pair_loss = jax.jit(make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
+                                     loss_name="dpo", seed=config.train.seed,
+                                     encoders=models.encoders))
+  # A policy that differs from the reference, so the loss is not ln 2 whatever the inputs.
+  policy = jax.tree_util.tree_map(lambda p: p * 1.002, models.initial_params)
+  dropped = 0
+  for _ in range(PAIRS // config.train.batch_pairs):  # Epoch 0: the cache's crops and flips.
+    raw, cache = next(raw_batches), next(cache_batches)
+    np.testing.assert_array_equal(raw["pair_ids"], cache["pair_ids"])
+    np.testing.assert_array_equal(raw["epochs"], cache["epochs"])
+    assert "pixels" not in cache and "input_ids_0" not in cache
+    raw_loss, raw_metrics = pair_loss(policy, models.initial_params, models.frozen_params, raw)
+    cache_loss, cache_metrics = pair_loss(policy, models.initial_params, None, cache)
+    # The same latent samples and noise give the same denoising errors, up to float32
+    # rounding (the cache encoded in batches of 5, the step in batches of 4)...
+    for name in ("policy_error_winner", "policy_error_loser", "reference_error_winner",
+                 "reference_error_loser"):
+      np.testing.assert_allclose(cache_metrics[name], raw_metrics[name], rtol=1e-5,
+                                 err_msg=name)
+    # ...and the same loss, where β/2 = 2500 multiplies that rounding.
+    assert abs(float(raw_loss) - np.log(2)) > 0.05
+    np.testing.assert_allclose(cache_loss, raw_loss, rtol=1e-3)
+    empty = latent_cache.LatentCacheSource(cached.data.cache_dir).empty_prompt["context"]
+    dropped += sum(np.array_equal(c, empty) for c in cache["context"])
+  assert 0 < dropped < PAIRS  # Prompt dropout reached the cache batches too.
+
+
+def test_hosts_write_contiguous_shares_in_pair_order(sd_files, tmp_path):
+  config = _config(sd_files)
+  output = str(tmp_path / "cache")
+  for host in (1, 0):
+    prepare_lib.prepare(config, output, batch_pairs=4, process_index=host, process_count=2,
+                        overwrite=True)
+  source = latent_cache.LatentCacheSource(output)
+  assert [int(source[i]["pair_ids"]) for i in range(len(source))] == list(range(PAIRS))
+  record = source[0]
+  assert record["latent_mean"].dtype == np.float16 and record["latent_mean"].shape[0] == 2
+  with open(latent_cache.shard_path(output, 1, 2).replace(".array_record", ".json")) as f:
+    assert json.load(f)["pairs"] == PAIRS // 2
+  # A share that never finished is named, not read as a smaller dataset.
+  os.remove(latent_cache.shard_path(output, 0, 2).replace(".array_record", ".json"))
+  with pytest.raises(UserError, match=r"is incomplete \(pairs-00000-of-00002"):
+    latent_cache.LatentCacheSource(output)
+  with pytest.raises(UserError, match="already holds a latent cache"):
+    prepare_lib.prepare(config, output, process_index=0, process_count=2)
+
+
+def _run(module, *args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        timeout=600, env=env, cwd=REPO)
+
+
+def test_cli_prepare_then_train_from_the_cache(sd_files, tmp_path):
+  folder = sd_files
+  pipeline = f"--config.model.pretrained={folder / 'pipeline'}"
+  cache = tmp_path / "cache"
+  result = _run("dpo_jax.prepare", f"--config={TINY_CONFIG}", f"--output={cache}", pipeline,
+                f"--config.data.train_files={folder / 'train.parquet'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"wrote {PAIRS} pairs" in result.stdout
+
+  result = _run("dpo_jax.main", f"--config={TINY_CONFIG}", f"--workdir={tmp_path / 'run'}",
+                pipeline, f"--config.data.cache_dir={cache}", "--config.train.steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
+  assert records[-1]["data_pairs_kept"] == 4
+
+  wrong = _run("dpo_jax.main", f"--config={TINY_CONFIG}", f"--workdir={tmp_path / 'wrong'}",
+               pipeline, f"--config.data.cache_dir={cache}", "--config.data.resolution=64")
+  assert wrong.returncode == 2
+  assert wrong.stderr.strip().splitlines()[-1].startswith(
+      f"error: data.cache_dir={cache} holds 32px pairs, data.resolution is 64")
