@@ -1,7 +1,11 @@
 """Odd and bad input in Pick-a-Pic parquet: converted or skipped, and counted exactly."""
 import io
+import json
+import os
+import sys
 
 import grain.python as grain
+import jax
 import ml_collections
 import numpy as np
 import pyarrow as pa
@@ -10,6 +14,8 @@ import pytest
 from PIL import Image
 
 import tiny_models
+from dpo_jax import train
+from dpo_jax.checkpoint import Checkpointer
 from dpo_jax.data import loader, pickapic, skips, transforms
 from dpo_jax.errors import UserError
 
@@ -213,3 +219,46 @@ def test_validation_prompts_are_read_unique_in_order(tmp_path):
   (tmp_path / "no_caption.parquet").write_bytes(b"")
   with pytest.raises(UserError, match="not a readable parquet"):
     pickapic.read_captions(str(tmp_path / "no_caption.parquet"))
+
+
+def test_a_run_past_max_bad_fraction_stops_saved_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.setattr(skips, "MIN_PAIRS_JUDGED", 0)
+  tiny_models.make_pipeline("sd").save_pretrained(tmp_path / "pipeline")
+  (tmp_path / "images").mkdir()
+  lines = []
+  for i in range(8):  # Pairs 2..7 name images that were never written: 3 in 4 are bad.
+    for side in ("chosen", "rejected"):
+      if i < 2:
+        Image.fromarray(PIXELS).save(tmp_path / "images" / f"{i}-{side}.png")
+    lines.append(json.dumps({"prompt": f"pair {i}", "chosen": f"images/{i}-chosen.png",
+                             "rejected": f"images/{i}-rejected.png"}))
+  (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import tiny  # configs/tiny.py
+  config = tiny.get_config()
+  config.model.pretrained = str(tmp_path / "pipeline")
+  config.data.update(dict(format="jsonl", train_files=str(tmp_path / "pairs.jsonl"),
+                          max_bad_fraction=0.5))
+  config.train.update(dict(steps=3, batch_pairs=2, log_every=1, ckpt_every=100))
+  workdir = str(tmp_path / "run")
+
+  with pytest.raises(UserError) as error:
+    train.train(config, workdir, jax.devices()[:1])
+  message = str(error.value)
+  step = int(message.split(":")[0].removeprefix("step "))
+  assert "pairs were bad input" in message and f"Step {step} is saved" in message
+  assert "\n" not in message
+  checkpointer = Checkpointer(workdir, every=100)
+  assert checkpointer.all_steps() == [step]
+  checkpointer.close()
+  last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["step"] == step and last["data_pairs_kept"] == 2 * step
+  assert last["data_skipped_file"] > last["data_pairs_kept"] and last["data_bad_fraction"] > 0.5
+
+  # Raised past the data's real share, the same command resumes from the saved step, and
+  # the counts carry on from the saved ones.
+  config.data.max_bad_fraction = 1.0
+  train.train(config, workdir, jax.devices()[:1])
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert records[-1]["step"] == 3 and records[-1]["data_pairs_kept"] == 6
+  assert records[-1]["data_skipped_file"] >= last["data_skipped_file"]
