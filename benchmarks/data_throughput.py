@@ -1,15 +1,20 @@
-"""Host-side throughput of the Pick-a-Pic path: JPEG decode + augment, and the full grain loader.
+"""Host-side throughput of the training data paths: Pick-a-Pic JPEGs, and the latent cache.
 
-Writes synthetic shards in the published schema whose JPEGs compress like photos (multi-scale
-random fields plus sensor-like noise, quality 90, 512x512 / 768x768 / 1024x1024), then times,
+For the JPEG path, writes synthetic shards in the published schema whose JPEGs compress like
+photos (multi-scale random fields plus sensor-like noise, quality 90, 512x512 / 768x768 /
+1024x1024). For the cache path, writes a synthetic latent cache (`data/latent_cache.py`) of
+random moments and embeddings with the real shapes: SD1.5 at 512, SDXL at 1024. Then times,
 in this process:
   prepare  `transforms.prepare_pair` on pairs already in memory (decode, resize, crop, flip,
            scale to [-1, 1]), per source size and training resolution;
   loader   `loader.make_train_iterator` end to end (parquet row-group reads, prepare,
-           tokenize, batch), with data.workers=0 and, if asked, more worker processes.
+           tokenize, batch), with data.workers=0 and, if asked, more worker processes;
+  cache    `loader.make_train_iterator` with data.cache_dir set (ArrayRecord reads in random
+           order, safetensors decode, prompt dropout, batch), with the same worker counts.
 Each row is a Markdown table row. Run from the repository root:
 
   python benchmarks/data_throughput.py [--seconds 5] [--workers 0,2]
+  python benchmarks/data_throughput.py --measurements=cache   # the cache rows alone
 """
 import io
 import os
@@ -17,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -28,7 +34,9 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from dpo_jax import default_config  # pylint: disable=g-import-not-at-top
-from dpo_jax.data import loader, pickapic, transforms
+from dpo_jax.data import latent_cache, loader, pickapic, transforms
+
+MEASUREMENTS = ("prepare", "loader", "cache")
 
 _PAIRS = flags.DEFINE_integer("pairs", 200, "Synthetic pairs to write.")
 _ROW_GROUP = flags.DEFINE_integer("row_group_rows", 16, "Rows per parquet row group.")
@@ -37,11 +45,35 @@ _BATCH = flags.DEFINE_integer("batch_pairs", 8, "Pairs per batch for the loader 
 _RESOLUTIONS = flags.DEFINE_list("resolutions", ["512", "1024"], "Training resolutions.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "data.workers values for the loader rows.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
+_MEASUREMENTS = flags.DEFINE_list("measurements", list(MEASUREMENTS),
+                                  f"What to time, any of {','.join(MEASUREMENTS)}.")
+flags.register_validator("measurements", lambda names: set(names) <= set(MEASUREMENTS),
+                         f"--measurements takes names among {','.join(MEASUREMENTS)}")
+_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "float16", ["float16", "float32"],
+                                 "Storage dtype of the synthetic cache (prepare's --dtype).")
 
 # Source sizes and their share of the synthetic shards (Pick-a-Pic mixes SD1.x/2.x,
 # Dreamlike and SDXL outputs).
 SIZES = ((512, 0.5), (768, 0.15), (1024, 0.35))
 WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "tree", "city", "at", "night")
+
+# Pick-a-Pic v2's training pairs once ties are dropped: what a full cache holds.
+PICKAPIC_V2_PAIRS = 851_000
+
+
+class CacheModel(NamedTuple):
+  """What `python -m dpo_jax.prepare` would write per pair for one pipeline."""
+  kind: str  # cache.json's "kind".
+  context_width: int  # The text embedding width D of `context` [77, D].
+  pooled_width: int | None  # SDXL's pooled embedding width, None for SD1.5.
+  pairs: int  # Pairs written: ~100-160 MB, so random reads span more than a few pages.
+
+
+# Per training resolution, the pipeline trained at it.
+CACHE_MODELS = {512: CacheModel("sd", 768, None, 400), 1024: CacheModel("sdxl", 2048, 1280, 200)}
+LATENT_CHANNELS = 4
+LATENT_SCALE = 8  # The VAE's downsampling: latents are resolution / 8 on a side.
+TEXT_TOKENS = 77
 
 
 def cpu_model() -> str:
@@ -138,6 +170,13 @@ def row(*cells) -> None:
   print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
+def header() -> None:
+  """Starts a table, after a blank line."""
+  print()
+  row("measurement", "resolution", "pairs/s (wall)", "pairs per CPU-second")
+  row("---", "---", "---", "---")
+
+
 def bench_prepare(records: list[dict], resolutions: list[int], seconds: float) -> None:
   by_size = {}
   for record in records:
@@ -194,6 +233,93 @@ def bench_loader(paths: list[str], resolutions: list[int], workers: list[int],
       del iterator
 
 
+def cached_pair(rng: np.random.Generator, model: CacheModel, resolution: int, dtype: str,
+                pair_id: int) -> dict[str, np.ndarray]:
+  """One record as `prepare` writes it, with random moments and embeddings."""
+  side = resolution // LATENT_SCALE
+  latents = (2, side, side, LATENT_CHANNELS)
+  pair = {"latent_mean": rng.normal(0, 1, latents).astype(dtype),
+          "latent_logvar": rng.normal(-8, 1, latents).astype(dtype),
+          "context": rng.normal(0, 1, (TEXT_TOKENS, model.context_width)).astype(dtype),
+          "original_size": np.full((2, 2), resolution, np.int32),
+          "crop_top_left": np.zeros((2, 2), np.int32),
+          "pair_ids": np.asarray(pair_id, np.int32)}
+  if model.pooled_width:
+    pair["pooled"] = rng.normal(0, 1, (model.pooled_width,)).astype(dtype)
+  return pair
+
+
+def write_cache(folder: str, resolution: int, dtype: str, seed: int) -> int:
+  """A one-shard cache of `CACHE_MODELS[resolution]` in `folder`; returns its size in bytes."""
+  model = CACHE_MODELS[resolution]
+  rng = np.random.default_rng(seed)
+  empty = {"context": rng.normal(0, 1, (TEXT_TOKENS, model.context_width)).astype(dtype)}
+  if model.pooled_width:
+    empty["pooled"] = rng.normal(0, 1, (model.pooled_width,)).astype(dtype)
+  # No encoders here: the fingerprint and source only need to be strings.
+  latent_cache.write_metadata(folder, {
+      "kind": model.kind, "resolution": resolution, "dtype": dtype, "num_shards": 1,
+      "pretrained": "synthetic", "fingerprint": "synthetic", "source": "synthetic",
+      "skipped_at_start": {}}, empty)
+  writer = latent_cache.ShardWriter(folder, 0, 1)
+  for pair_id in range(model.pairs):
+    writer.write(cached_pair(rng, model, resolution, dtype, pair_id))
+  writer.close({"kept": model.pairs})
+  return os.path.getsize(latent_cache.shard_path(folder, 0, 1))
+
+
+def bench_cache(resolutions: list[int], workers: list[int], seconds: float) -> None:
+  for resolution in resolutions:
+    model, dtype = CACHE_MODELS[resolution], _CACHE_DTYPE.value
+    with tempfile.TemporaryDirectory() as folder:
+      kb = write_cache(folder, resolution, dtype, _SEED.value) / model.pairs / 1024
+      print(f"\nCache {model.kind} at {resolution} ({dtype}): {model.pairs} pairs, "
+            f"{kb:.0f} KB per pair (shard file / pairs), "
+            f"{kb * 1024 * PICKAPIC_V2_PAIRS / 2 ** 30:.0f} GiB per "
+            f"{PICKAPIC_V2_PAIRS // 1000}K pairs")
+      header()
+      for count in workers:
+        iterator = make_cache_iterator(folder, resolution, count)
+
+        def step(iterator=iterator):
+          return len(next(iterator)["pair_ids"])
+
+        rate, per_cpu = timed(step, seconds, warmup=max(3.0, seconds / 2))
+        row(f"make_train_iterator (latent cache, {model.kind} {dtype}, ~{kb:.0f} KB), "
+            f"workers={count}, batch {_BATCH.value}", resolution, f"{rate:.1f}",
+            f"{per_cpu:.1f}")
+        del iterator
+
+
+def make_cache_iterator(folder: str, resolution: int, workers: int) -> loader.PairBatches:
+  """The training iterator over the cache in `folder`, as --config.data.cache_dir builds it."""
+  config = default_config.get_config()
+  config.data.cache_dir = folder
+  config.data.resolution = resolution
+  config.data.empty_prompt_prob = 0.2
+  config.data.workers = workers
+  config.train.batch_pairs = _BATCH.value
+  # The cache path reads no captions: it needs no tokenizer.
+  return loader.make_train_iterator(config, [], process_index=0, process_count=1)
+
+
+def bench_jpeg(resolutions: list[int], workers: list[int], seconds: float,
+               measurements: list[str]) -> None:
+  with tempfile.TemporaryDirectory() as folder:
+    start = time.perf_counter()
+    paths = write_shards(folder, _PAIRS.value, _SEED.value)
+    megabytes = sum(os.path.getsize(p) for p in paths) / 2 ** 20
+    print(f"\nWrote {_PAIRS.value} pairs in {len(paths)} shards ({megabytes:.0f} MB, "
+          f"{_ROW_GROUP.value} rows per row group) in {time.perf_counter() - start:.0f}s")
+    header()
+    if "prepare" in measurements:
+      source = pickapic.PickapicSource(paths)
+      bench_prepare([dict(source[i], epochs=0) for i in range(len(source))], resolutions,
+                    seconds)
+    if "loader" in measurements:
+      bench_loader(paths, resolutions, workers, seconds)
+
+
 def make_tokenizer():
   # The tests' tiny CLIP BPE: tokenizing a caption costs well under 1% of a pair either way.
   from tests import tiny_models  # pylint: disable=g-import-not-at-top
@@ -204,20 +330,16 @@ def main(argv):
   del argv
   resolutions = [int(r) for r in _RESOLUTIONS.value]
   workers = [int(w) for w in _WORKERS.value]
+  measurements = _MEASUREMENTS.value
+  unknown = set(resolutions) - set(CACHE_MODELS)
+  if "cache" in measurements and unknown:
+    raise app.UsageError(f"--resolutions {sorted(unknown)}: the cache rows know "
+                         f"{sorted(CACHE_MODELS)}")
   print(f"CPU: {cpu_model()}")
-  with tempfile.TemporaryDirectory() as folder:
-    start = time.perf_counter()
-    paths = write_shards(folder, _PAIRS.value, _SEED.value)
-    megabytes = sum(os.path.getsize(p) for p in paths) / 2 ** 20
-    print(f"Wrote {_PAIRS.value} pairs in {len(paths)} shards ({megabytes:.0f} MB, "
-          f"{_ROW_GROUP.value} rows per row group) in {time.perf_counter() - start:.0f}s")
-    source = pickapic.PickapicSource(paths)
-    records = [dict(source[i], epochs=0) for i in range(len(source))]
-    print()
-    row("measurement", "resolution", "pairs/s (wall)", "pairs per CPU-second")
-    row("---", "---", "---", "---")
-    bench_prepare(records, resolutions, _SECONDS.value)
-    bench_loader(paths, resolutions, workers, _SECONDS.value)
+  if {"prepare", "loader"} & set(measurements):
+    bench_jpeg(resolutions, workers, _SECONDS.value, measurements)
+  if "cache" in measurements:
+    bench_cache(resolutions, workers, _SECONDS.value)
 
 
 if __name__ == "__main__":
