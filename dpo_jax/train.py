@@ -88,7 +88,10 @@ def make_data_iterator(config: ml_collections.ConfigDict, models: Models):
 
 def _this_hosts_data_state(saved: dict, where: str) -> dict:
   """This process's entry of a checkpoint's per-host data states."""
-  hosts = saved["hosts"]
+  hosts = saved.get("hosts")
+  if hosts is None:
+    raise UserError(f"the checkpoint in {where} comes from an older dpo_jax that saved one "
+                    "data position for all hosts; start a new --workdir")
   if len(hosts) != jax.process_count():
     raise UserError(f"the checkpoint in {where} was written by {len(hosts)} process(es) and "
                     f"this run has {jax.process_count()}: each reads its own share of the data; "
@@ -165,7 +168,8 @@ def _run_steps(config, start: int, state, frozen, step_fn, data, batch_sharding,
     if too_bad or step == last or checkpointer.due(step):
       # Every host's data position, as each reads its own share.
       data_state = {"hosts": parallel.gather_from_hosts(data.get_state())}
-      checkpointer.save(step, state, data_state, config.to_dict(), force=bool(too_bad) or step == last)
+      checkpointer.save(step, state, data_state, config.to_dict(),
+                        force=bool(too_bad) or step == last)
     if too_bad:
       raise UserError(f"{too_bad}. Step {step} is saved: the same command resumes from it")
   counts = skips.sum_counts(parallel.gather_from_hosts(data.counts))

@@ -129,7 +129,8 @@ def test_every_record_is_kept_or_skipped_and_counted_exactly(odd_file):
   # The bad rows of one epoch, by kind, as the summary says them.
   epoch = skips.zero_counts() | {"kept": 5, "image": 5, "caption": 1}
   assert skips.describe(epoch) == "kept 5, skipped 6 bad (caption 1, image 5)"
-  assert skips.describe(batches.skipped_at_start) == "skipped 2 bad (label 2), left out 1 tie, 1 unlabeled"
+  assert skips.describe(batches.skipped_at_start) == (
+      "skipped 2 bad (label 2), left out 1 tie, 1 unlabeled")
   state = batches.get_state()
   assert state["counts"] == batches.counts  # Saved with the position, for a resumed run.
 

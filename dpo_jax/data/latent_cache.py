@@ -46,15 +46,18 @@ def encoders_fingerprint(vae_params, text_encoder_params) -> str:
   for tree in (vae_params, *text_encoder_params):
     leaves = sorted(_flatten(tree).items())
     for path, value in leaves:
-      value = np.asarray(value, np.float64)
-      digest.update(f"{path}{value.shape}{value.sum():.10e}{np.abs(value).sum():.10e}".encode())
+      value = np.asarray(value)
+      total, magnitude = value.sum(dtype=np.float64), np.abs(value).sum(dtype=np.float64)
+      digest.update(f"{path}{value.shape}{total:.10e}{magnitude:.10e}".encode())
   return digest.hexdigest()[:16]
 
 
 def _flatten(tree, prefix: str = "") -> dict:
-  if isinstance(tree, dict):
-    return {k: v for key, child in tree.items() for k, v in _flatten(child, f"{prefix}/{key}").items()}
-  return {prefix: tree}
+  """{'/a/b': leaf} of nested dicts (without JAX: grain workers import this module)."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {path: leaf for key, child in tree.items()
+          for path, leaf in _flatten(child, f"{prefix}/{key}").items()}
 
 
 class ShardWriter:
