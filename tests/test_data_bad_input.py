@@ -158,14 +158,17 @@ def test_non_rgb_images_are_converted_as_the_official_code(odd_file, mode):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["one_pixel", "long_strip", "empty", "truncated",
-                                  "not_an_image"])
-def test_unusable_images_are_skipped_with_the_reason(odd_file, name):
+@pytest.mark.parametrize("name, reason", [
+    ("one_pixel", "1x1 is too small for resolution 16"),
+    ("long_strip", "200x4 is more elongated than 8:1"), ("empty", "undecodable image"),
+    ("truncated", "undecodable image"), ("not_an_image", "undecodable image")])
+def test_unusable_images_are_skipped_with_the_reason(odd_file, name, reason):
   record = {"caption": "x", "winner": odd_file[1]["rgb"], "loser": odd_file[1][name],
             "pair_ids": 7, "epochs": 2}
   out = transforms.prepare_pair(record, seed=0, resolution=RESOLUTION, random_crop=False,
                                 random_flip=False, empty_prompt_prob=0.0)
-  assert out["skip"] == "image" and out["error"] and (out["pair_ids"], out["epochs"]) == (7, 2)
+  assert out["skip"] == "image" and out["error"].startswith(reason)
+  assert (out["pair_ids"], out["epochs"]) == (7, 2)
 
 
 def test_shared_flip_flips_winner_and_loser_together():

@@ -63,9 +63,19 @@ def augment(image: Image.Image, resolution: int, draws: np.ndarray, *, random_cr
   return pixels, original, (top, left)
 
 
-def decode_image(data: bytes) -> Image.Image:
-  """Any format PIL reads (JPEG, PNG, WebP, ...) in any mode, as RGB as the official code."""
+class UnusableImage(ValueError):
+  """An image that decodes but that no run should train on (see `unusable_size`)."""
+
+
+def decode_image(data: bytes, resolution: int | None = None) -> Image.Image:
+  """Any format PIL reads (JPEG, PNG, WebP, ...) in any mode, as RGB as the official code.
+
+  With `resolution`, an image of unusable size raises UnusableImage before its pixels are
+  decoded (PIL reads the size from the header).
+  """
   with Image.open(io.BytesIO(data)) as image:
+    if resolution and (why := unusable_size(image, resolution)):
+      raise UnusableImage(why)
     return image.convert("RGB")
 
 
@@ -104,12 +114,11 @@ def prepare_pair(record: dict, *, seed: int, resolution: int, random_crop: bool,
   if not isinstance(record["caption"], str):
     return skip("caption", "no caption")
   try:
-    images = [decode_image(record[side]) for side in ("winner", "loser")]
+    images = [decode_image(record[side], resolution) for side in ("winner", "loser")]
+  except UnusableImage as e:
+    return skip("image", str(e))
   except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
     return skip("image", f"undecodable image ({e})")
-  for image in images:
-    if why := unusable_size(image, resolution):
-      return skip("image", why)
   draws = pair_draws(seed, record["epochs"], record["pair_ids"], shared_flip=shared_flip)
   # One dropout decision per pair: winner and loser must be judged under the same prompt.
   caption = "" if draws[0] < empty_prompt_prob else record["caption"]
