@@ -1,6 +1,7 @@
 """The latent cache: prepare once, then train from it exactly as from the raw images."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +100,22 @@ def test_hosts_write_contiguous_shares_in_pair_order(sd_files, tmp_path):
   assert record["latent_mean"].dtype == np.float16 and record["latent_mean"].shape[0] == 2
   with open(latent_cache.shard_path(output, 1, 2).replace(".array_record", ".json")) as f:
     assert json.load(f)["pairs"] == PAIRS // 2
+
+  # A restored iterator continues as one never stopped, also from a cache that moved.
+  config.data.cache_dir = output
+  batches = loader.make_train_iterator(config, (), process_index=0, process_count=1)
+  for _ in range(2):
+    next(batches)
+  state = batches.get_state()
+  expected = [next(batches) for _ in range(3)]
+  shutil.copytree(output, tmp_path / "moved")
+  config.data.cache_dir = str(tmp_path / "moved")
+  restored = loader.make_train_iterator(config, (), process_index=0, process_count=1)
+  restored.set_state(state)
+  for want, got in zip(expected, [next(restored) for _ in range(3)]):
+    assert want.keys() == got.keys()
+    for name in want:
+      np.testing.assert_array_equal(want[name], got[name], err_msg=name)
   # A share that never finished is named, not read as a smaller dataset.
   os.remove(latent_cache.shard_path(output, 0, 2).replace(".array_record", ".json"))
   with pytest.raises(UserError, match=r"is incomplete \(pairs-00000-of-00002"):
