@@ -9,7 +9,8 @@
 #
 # Every process gets the same WORKDIR, as hosts sharing a filesystem would. More devices per
 # process: XLA_FLAGS=--xla_force_host_platform_device_count=4. PORT picks the coordinator port,
-# PYTHON the interpreter (default: python3 on PATH, e.g. an activated .venv).
+# PYTHON the interpreter (default: python3 on PATH, e.g. an activated .venv). MODULE=
+# dpo_jax.prepare writes the latent cache instead, with WORKDIR as its --output.
 set -euo pipefail
 
 if (( $# < 3 )); then
@@ -20,6 +21,9 @@ num_processes=$1 config=$2 workdir=$3
 shift 3
 port=${PORT:-$((20000 + RANDOM % 20000))}
 python=${PYTHON:-python3}
+module=${MODULE:-dpo_jax.main}
+folder_flag=--workdir
+[[ $module == dpo_jax.prepare ]] && folder_flag=--output
 
 # CPU by default: on a GPU machine every process would otherwise claim every GPU.
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
@@ -29,7 +33,7 @@ export JAX_CPU_COLLECTIVES_IMPLEMENTATION=${JAX_CPU_COLLECTIVES_IMPLEMENTATION:-
 
 pids=()
 for ((i = 0; i < num_processes; i++)); do
-  "$python" -m dpo_jax.main --config="$config" --workdir="$workdir" \
+  "$python" -m "$module" --config="$config" "$folder_flag=$workdir" \
     --config.distributed.coordinator_address="127.0.0.1:$port" \
     --config.distributed.num_processes="$num_processes" \
     --config.distributed.process_id="$i" "$@" &

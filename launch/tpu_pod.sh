@@ -9,6 +9,8 @@
 # dependencies installed for PYTHON (default python3; e.g. PYTHON=~/venv/bin/python), and
 # WORKDIR and the data on a filesystem all workers share (Filestore or a GCS FUSE mount): every
 # host writes its part of one orbax checkpoint. Re-running the command resumes the run.
+# MODULE=dpo_jax.prepare writes the latent cache instead, each worker its share, with WORKDIR
+# as its --output.
 set -euo pipefail
 
 if (( $# < 4 )); then
@@ -19,10 +21,13 @@ tpu_name=$1 zone=$2 config=$3 workdir=$4
 shift 4
 repo_dir=${REPO_DIR:-'~/dpo_jax'}  # Quoted: ~ expands on the workers, not here.
 python=${PYTHON:-python3}
+module=${MODULE:-dpo_jax.main}
+folder_flag=--workdir
+[[ $module == dpo_jax.prepare ]] && folder_flag=--output
 
 # Quoted once here so globs and spaces in the arguments reach the workers' shell intact.
-args=$(printf '%q ' --config="$config" --workdir="$workdir" "$@")
+args=$(printf '%q ' --config="$config" "$folder_flag=$workdir" "$@")
 # multi_process=true: a pod's topology lives in the TPU metadata server rather than in the
 # environment, so tell dpo_jax to call jax.distributed.initialize(), which reads it.
 gcloud compute tpus tpu-vm ssh "$tpu_name" --zone="$zone" --worker=all \
-  --command="cd $repo_dir && $python -m dpo_jax.main $args --config.distributed.multi_process=true"
+  --command="cd $repo_dir && $python -m $module $args --config.distributed.multi_process=true"

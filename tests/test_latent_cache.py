@@ -151,3 +151,20 @@ def test_cli_prepare_then_train_from_the_cache(sd_files, tmp_path):
   assert wrong.returncode == 2
   assert wrong.stderr.strip().splitlines()[-1].startswith(
       f"error: data.cache_dir={cache} holds 32px pairs, data.resolution is 64")
+
+
+def test_two_processes_prepare_one_cache_each_its_share(sd_files, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(MODULE="dpo_jax.prepare", PYTHON=sys.executable, PYTHONPATH=REPO)
+  result = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "2", TINY_CONFIG, str(tmp_path / "cache"),
+       f"--config.model.pretrained={sd_files / 'pipeline'}",
+       f"--config.data.train_files={sd_files / 'train.parquet'}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "cache")) == [
+      "cache.json", "empty_prompt.safetensors", "pairs-00000-of-00002.array_record",
+      "pairs-00000-of-00002.json", "pairs-00001-of-00002.array_record",
+      "pairs-00001-of-00002.json"]
+  source = latent_cache.LatentCacheSource(str(tmp_path / "cache"))
+  assert [int(source[i]["pair_ids"]) for i in range(len(source))] == list(range(PAIRS))
