@@ -1,8 +1,15 @@
 """Test-wide setup: JAX on the CPU with 8 fake devices (sharding tests), quiet oracles."""
 import os
+import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled programs go to a disk cache that the xdist workers and the tests' subprocesses
+# share: a test that compiles a train step a second time (a resumed run, the same tiny
+# model from the command line) reads it back instead. Compiling dominates CPU test time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "dpo_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
