@@ -9,6 +9,7 @@ launchers as training, each host encodes and writes its own contiguous share of 
 import os
 import time
 
+import numpy as np
 from absl import flags
 
 from dpo_jax import cli
@@ -45,7 +46,6 @@ def _encode_function(pipe, dtype):
 
 def _padded(batch: dict, size: int) -> dict:
   """The last, short batch repeated up to `size` pairs: one compiled shape for every call."""
-  import numpy as np
   rows = len(batch["pair_ids"])
   index = np.minimum(np.arange(size), rows - 1)
   return {name: value[index] for name, value in batch.items()}
@@ -58,9 +58,8 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
 
   `process_index` / `process_count` default to JAX's: the share is this process's.
   """
-  import jax
+  import jax  # Here, not at the top: --help and flag errors should not wait for JAX.
   import jax.numpy as jnp
-  import numpy as np
 
   from dpo_jax import encode, parallel
   from dpo_jax.data import latent_cache, loader, skips

@@ -11,7 +11,7 @@ import grain.python as grain
 import numpy as np
 from absl import logging
 
-
+# Left out by the data's design: a tie, a row never judged, a model data.model_filter excludes.
 DESIGN_KINDS = ("tie", "unlabeled", "filtered")
 # line: a malformed JSONL line; label: a null or contradictory label; caption: a null or
 # missing one; file: an image file that cannot be read; image: bytes that are no usable image.
