@@ -75,10 +75,10 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   if os.path.isfile(os.path.join(output, latent_cache.METADATA)) and not overwrite:
     raise UserError(f"{output} already holds a latent cache; choose another --output or pass "
                     "--overwrite")
-  os.makedirs(output, exist_ok=True)
   # The encoders run in float32 whatever model.compute_dtype: encoding happens once.
   pipe = pipeline_lib.load_pipeline(config.model.pretrained, variant=config.model.variant)
   source = loader.make_source(config.data)
+  os.makedirs(output, exist_ok=True)
   devices = jax.local_devices()
   batch_pairs = -(-batch_pairs // len(devices)) * len(devices)
   sharding = parallel.batch_sharding(parallel.make_mesh(-1, 1, devices))

@@ -48,6 +48,9 @@ def test_demo_trains_and_logs_metrics(tmp_path):
     (["--config.data.resolution=30"], "data.resolution"),
     (["--config.dpo.betta=1"], "config.dpo.betta is not a config key"),
     (["--config.train.steps=many"], "train.steps"),
+    (["--config.data.max_bad_fraction=2"], "data.max_bad_fraction must be in [0, 1]"),
+    (["--config.data.cache_dir=/nowhere"], "data.cache_dir needs model.pretrained"),
+    (["--config.data.format=tfds"], "data.tfds_name is not set"),
 ])
 def test_user_mistakes_end_in_one_line_and_status_2(tmp_path, args, expected):
   result = _main(*SMALL, *args, workdir=tmp_path)
