@@ -1,7 +1,10 @@
 """Pick-a-Pic parquet -> grain batches: pairs kept, winner order, augmentation, hosts, resume."""
+import concurrent.futures
 import glob
 import io
 import pickle
+import threading
+import time
 
 import ml_collections
 import numpy as np
@@ -223,3 +226,24 @@ def test_model_filter_keeps_pairs_whose_two_models_match(tmp_path):
   assert repr(dreamlike) != repr(pickapic.PickapicSource(path))  # A resume must not mix them.
   with pytest.raises(UserError, match="data.model_filter='midjourney' keeps no pair"):
     pickapic.PickapicSource(path, model_filter="midjourney")
+
+
+def test_threads_wanting_one_row_group_share_one_read(shards, monkeypatch):
+  reads, release = [], threading.Event()
+  real_read = pq.ParquetFile.read_row_group
+
+  def slow_read(self, *args, **kwargs):
+    reads.append(args[0])
+    release.wait(timeout=10)  # Every thread asks while the first read is still in flight.
+    return real_read(self, *args, **kwargs)
+
+  monkeypatch.setattr(pq.ParquetFile, "read_row_group", slow_read)
+  source = pickapic.PickapicSource(shards[0])
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    # Pair ids 0 and 1 are rows 0 and 1: the first row group of the first shard.
+    futures = [pool.submit(source.__getitem__, i % 2) for i in range(8)]
+    time.sleep(0.2)
+    release.set()
+    captions = [future.result()["caption"] for future in futures]
+  assert reads == [0]
+  assert captions == ["a cat", "a photo"] * 4

@@ -6,10 +6,13 @@ image bytes are read on demand, one row group at a time, through a small per-pro
 
 Cost: a row group is the smallest unit pyarrow reads, and a shuffled epoch touches a different
 one for nearly every pair, so each pair costs a whole group's bytes (the cache only helps
-in-order reads). For long runs the latent cache, or shards rewritten with a few rows per row
-group, remove that amplification.
+in-order reads). Shards written by Hugging Face `datasets` hold ~100 MB (or 1000 rows) per
+group: fine for a small run, too much I/O per pair for Pick-a-Pic v2 at scale. There, encode
+once with `python -m dpo_jax.prepare`, which reads in order, each row group once, and train
+from the latent cache (or rewrite the shards with a few rows per row group).
 """
 import collections
+import concurrent.futures
 import hashlib
 import os
 import threading
@@ -164,11 +167,12 @@ class PickapicSource:
 
   def _init_cache(self):
     self._cache = collections.OrderedDict()
+    self._loading = {}  # Row group -> the Future of the one read in flight.
     self._lock = threading.Lock()
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    del state["_cache"], state["_lock"]
+    del state["_cache"], state["_loading"], state["_lock"]
     return state
 
   def __setstate__(self, state):
@@ -188,18 +192,36 @@ class PickapicSource:
     return f"PickapicSource(files={len(self._paths)}, pairs={len(self)}{kept}, digest={digest})"
 
   def _row_group(self, group: int) -> pa.Table:
+    """The group's pair columns; one read per group however many threads want it at once.
+
+    In-order reads (prepare) send grain's read threads to the same group together: without
+    single-flight reads each would pull its own copy of a ~100 MB group.
+    """
     with self._lock:
       if group in self._cache:
         self._cache.move_to_end(group)
         return self._cache[group]
-    # Read outside the lock so threads overlap their I/O; a rare duplicate read is harmless.
-    file, local = self._group_address[group]
-    with pq.ParquetFile(self._paths[file], metadata=self._metadata[file]) as parquet:
-      table = parquet.read_row_group(local, columns=list(PAIR_COLUMNS))
+      pending = self._loading.get(group)
+      reader = pending is None
+      if reader:
+        pending = self._loading[group] = concurrent.futures.Future()
+    if not reader:
+      return pending.result()
+    try:
+      file, local = self._group_address[group]  # Read outside the lock: threads overlap I/O.
+      with pq.ParquetFile(self._paths[file], metadata=self._metadata[file]) as parquet:
+        table = parquet.read_row_group(local, columns=list(PAIR_COLUMNS))
+    except BaseException as error:
+      with self._lock:
+        del self._loading[group]
+      pending.set_exception(error)
+      raise
     with self._lock:
       self._cache[group] = table
       while len(self._cache) > self._cache_size:
         self._cache.popitem(last=False)
+      del self._loading[group]
+    pending.set_result(table)
     return table
 
   def __getitem__(self, pair_id: int) -> dict:
