@@ -235,3 +235,16 @@ def test_missing_features_and_missing_tfds_are_one_line(dataset, tmp_path, monke
   with pytest.raises(UserError, match=r"pip install 'dpo_jax\[tfds\]'") as error:
     tfds_pairs.TfdsPairsSource(NAME, data_dir=dataset[0])
   assert "\n" not in str(error.value)
+
+
+def test_a_dataset_without_random_access_is_one_line(dataset, monkeypatch):
+  import tensorflow_datasets as tfds
+  # What tfds raises for tfrecord-stored data, which cannot be written here without TF.
+  def no_random_access(self, *args, **kwargs):
+    raise NotImplementedError("Random access data source for file format tfrecord")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", no_random_access)
+  with pytest.raises(UserError, match="which has no random access; rebuild it with "
+                                      "file_format='array_record'") as error:
+    tfds_pairs.TfdsPairsSource(NAME, data_dir=dataset[0])
+  assert "\n" not in str(error.value)
