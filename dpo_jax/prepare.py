@@ -27,9 +27,8 @@ def _encode_function(pipe, dtype):
 
   def encode_batch(frozen, batch):
     pairs, _, height, width, _ = batch["pixels"].shape
-    mean, logvar = pipe.vae.apply({"params": frozen["vae"]},
-                                  batch["pixels"].reshape(2 * pairs, height, width, 3),
-                                  method="encode")
+    mean, logvar = encode.encode_images(pipe.vae, frozen["vae"],
+                                        batch["pixels"].reshape(2 * pairs, height, width, 3))
     prompt_encoders = encode.PromptEncoders(
         pipe.kind, tuple((module, params) for (module, _), params
                          in zip(pipe.text_encoders, frozen["text_encoders"])))

@@ -78,7 +78,7 @@ def _encode_pixels(encoders: Encoders, frozen, batch, keys):
   """Pixels [B, 2, R, R, 3] and token ids -> latents [B, 2, h, w, C], context, added conds."""
   pairs, _, height, width, _ = batch["pixels"].shape
   images = batch["pixels"].reshape(2 * pairs, height, width, 3)
-  mean, logvar = encoders.vae.apply({"params": frozen["vae"]}, images, method="encode")
+  mean, logvar = encode.encode_images(encoders.vae, frozen["vae"], images)
   moments = (x.reshape(pairs, 2, *x.shape[1:]) for x in (mean, logvar))
   latents = _posterior_samples(encoders, *moments, keys)
   token_ids = [batch[f"input_ids_{i}"] for i in range(len(encoders.text_encoders))]
