@@ -24,20 +24,23 @@ def torch_key(path: tuple[str, ...]) -> str:
   return ".".join([*modules, _TORCH_LEAF.get(leaf, leaf)])
 
 
+def torch_permutation(leaf: str, ndim: int) -> tuple[int, ...]:
+  """The axes that take the Flax leaf named `leaf` to its PyTorch layout: `np.transpose(flax,
+  perm)` is the PyTorch tensor, whose dim k is Flax axis perm[k]. Convolution kernels are HWIO
+  in Flax and OIHW in PyTorch, dense kernels (in, out) and (out, in); other leaves agree."""
+  if leaf == "kernel" and ndim == 4:
+    return (3, 2, 0, 1)  # HWIO -> OIHW
+  if leaf == "kernel" and ndim == 2:
+    return (1, 0)  # (in, out) -> (out, in)
+  return tuple(range(ndim))
+
+
 def _to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and array.ndim == 4:
-    return np.transpose(array, (3, 2, 0, 1))  # HWIO -> OIHW
-  if leaf == "kernel" and array.ndim == 2:
-    return np.transpose(array)  # (in, out) -> (out, in)
-  return array
+  return np.transpose(array, torch_permutation(leaf, array.ndim))
 
 
 def _to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and array.ndim == 4:
-    return np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO
-  if leaf == "kernel" and array.ndim == 2:
-    return np.transpose(array)
-  return array
+  return np.transpose(array, np.argsort(torch_permutation(leaf, array.ndim)))
 
 
 def _path_names(path) -> tuple[str, ...]:
