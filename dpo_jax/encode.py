@@ -64,6 +64,34 @@ def encode_images(vae: vae_lib.AutoencoderKL, vae_params,
   return vae.apply({"params": vae_params}, images, method="encode")
 
 
+def encode_pairs(kind: str, vae: vae_lib.AutoencoderKL, text_encoders: Sequence[nn.Module],
+                 frozen, batch, images: int = 2) -> dict:
+  """A pixel batch -> what the latent cache stores for it (the train step's input).
+
+  Args:
+    kind: 'sd' or 'sdxl'.
+    vae, text_encoders: the frozen modules (text encoders in model_index order).
+    frozen: their params, {'vae': ..., 'text_encoders': (one per encoder)}.
+    batch: `pixels` [B, 2, R, R, 3] in [-1, 1] and `input_ids_{i}` [B, L] per encoder.
+    images: encode each pair's first `images` images: 2, or 1 for the winners alone (SFT).
+
+  Returns:
+    `latent_mean`, `latent_logvar` [B, images, h, w, C] (the VAE posterior's moments),
+    `context` [B, T, D] and, for SDXL, `pooled` [B, P] (`encode_prompts`).
+  """
+  pairs, _, height, width, _ = batch["pixels"].shape
+  pixels = batch["pixels"][:, :images].reshape(pairs * images, height, width, 3)
+  mean, logvar = encode_images(vae, frozen["vae"], pixels)
+  token_ids = [batch[f"input_ids_{i}"] for i in range(len(text_encoders))]
+  context, pooled = encode_prompts(
+      PromptEncoders(kind, tuple(zip(text_encoders, frozen["text_encoders"]))), token_ids)
+  out = {"latent_mean": mean.reshape(pairs, images, *mean.shape[1:]),
+         "latent_logvar": logvar.reshape(pairs, images, *logvar.shape[1:]), "context": context}
+  if pooled is not None:
+    out["pooled"] = pooled
+  return out
+
+
 def latents_from_moments(mean: jax.Array, logvar: jax.Array, rng: jax.Array,
                          vae_config: vae_lib.VAEConfig) -> jax.Array:
   """A posterior sample, scaled (and shifted) into the latents the UNet is trained on."""

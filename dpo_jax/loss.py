@@ -27,7 +27,9 @@ def dpo_loss(policy_errors: jax.Array, reference_errors: jax.Array, beta: float)
       are stopped here so no caller can train the reference by accident.
     beta: the KL-regularisation strength β (> 0).
   Returns:
-    (loss, metrics): implicit_acc counts a pair as right when inside > 0, and ½ on a tie.
+    (loss, metrics): implicit_acc counts a pair as right when inside > 0 and ½ on a tie
+    (inside == 0), as diffusers' DPO example does; the official code counts a tie as wrong,
+    so at step 1, where every pair ties, it reports 0 and this reports ½.
   """
   reference_errors = jax.lax.stop_gradient(reference_errors)
   policy_w, policy_l = _winners_losers(policy_errors)
@@ -47,9 +49,12 @@ def dpo_loss(policy_errors: jax.Array, reference_errors: jax.Array, beta: float)
   return loss, metrics
 
 
-def sft_loss(policy_errors: jax.Array):
-  """The paper's §5.5 supervised baseline: plain denoising loss on the winners only."""
-  policy_w, policy_l = _winners_losers(policy_errors)
-  loss = jnp.mean(policy_w)
-  return loss, {"loss": loss, "policy_error_winner": loss,
-                "policy_error_loser": jnp.mean(jax.lax.stop_gradient(policy_l))}
+def sft_loss(winner_errors: jax.Array):
+  """The paper's §5.5 supervised baseline: the plain denoising loss on the winners.
+
+  Args:
+    winner_errors: [B] per-sample errors of the trained model on the winners alone: the
+      step never runs the UNet on the losers, which SFT does not use.
+  """
+  loss = jnp.mean(winner_errors)
+  return loss, {"loss": loss, "policy_error_winner": loss}

@@ -26,21 +26,19 @@ def _encode_function(pipe, dtype):
   from dpo_jax import encode
 
   def encode_batch(frozen, batch):
-    pairs, _, height, width, _ = batch["pixels"].shape
-    mean, logvar = encode.encode_images(pipe.vae, frozen["vae"],
-                                        batch["pixels"].reshape(2 * pairs, height, width, 3))
-    prompt_encoders = encode.PromptEncoders(
-        pipe.kind, tuple((module, params) for (module, _), params
-                         in zip(pipe.text_encoders, frozen["text_encoders"])))
-    token_ids = [batch[f"input_ids_{i}"] for i in range(len(pipe.text_encoders))]
-    context, pooled = encode.encode_prompts(prompt_encoders, token_ids)
-    out = {"latent_mean": mean.reshape(pairs, 2, *mean.shape[1:]),
-           "latent_logvar": logvar.reshape(pairs, 2, *logvar.shape[1:]), "context": context}
-    if pooled is not None:
-      out["pooled"] = pooled
+    out = encode.encode_pairs(pipe.kind, pipe.vae, [module for module, _ in pipe.text_encoders],
+                              frozen, batch)
     return {name: value.astype(dtype) for name, value in out.items()}
 
   return jax.jit(encode_batch)
+
+
+def _empty_prompt_batch(pipe, resolution: int, batch_pairs: int) -> dict:
+  """`batch_pairs` pairs of blank images captioned ""."""
+  from dpo_jax import encode
+  ids = encode.tokenize_prompts(pipe.tokenizers, [""] * batch_pairs)
+  return {"pixels": np.zeros((batch_pairs, 2, resolution, resolution, 3), np.float32),
+          **{f"input_ids_{i}": token_ids for i, token_ids in enumerate(ids)}}
 
 
 def _padded(batch: dict, size: int) -> dict:
@@ -60,9 +58,8 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   import jax  # Here, not at the top: --help and flag errors should not wait for JAX.
   import jax.numpy as jnp
 
-  from dpo_jax import encode, parallel
+  from dpo_jax import encode, parallel, train
   from dpo_jax.data import latent_cache, loader, skips
-  from dpo_jax.models import pipeline as pipeline_lib
 
   if config.model.pretrained is None:
     raise UserError("model.pretrained is not set; the cache is encoded by its VAE and text "
@@ -74,8 +71,9 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   if os.path.isfile(os.path.join(output, latent_cache.METADATA)) and not overwrite:
     raise UserError(f"{output} already holds a latent cache; choose another --output or pass "
                     "--overwrite")
-  # The encoders run in float32 whatever model.compute_dtype: encoding happens once.
-  pipe = pipeline_lib.load_pipeline(config.model.pretrained, variant=config.model.variant)
+  # The encoders in the dtypes training would encode in (model.vae_dtype,
+  # model.text_encoder_dtype), so that the cache equals encoding in the step.
+  pipe = train.load_pipeline(config)
   source = loader.make_source(config.data)
   os.makedirs(output, exist_ok=True)
   devices = jax.local_devices()
@@ -89,11 +87,11 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   encode_batch = _encode_function(pipe, jnp.dtype(dtype))
 
   if index == 0:
-    empty_ids = encode.tokenize_prompts(pipe.tokenizers, [""])
-    context, pooled = encode.encode_prompts(pipe, empty_ids)
-    empty = {"context": np.asarray(context[0], dtype)}
-    if pooled is not None:
-      empty["pooled"] = np.asarray(pooled[0], dtype)
+    # Through the same program as every batch, so that a prompt dropped at train time gets
+    # the very numbers the step would compute for "".
+    encoded = jax.device_get(encode_batch(frozen, jax.device_put(
+        _empty_prompt_batch(pipe, config.data.resolution, batch_pairs), sharding)))
+    empty = {name: encoded[name][0] for name in ("context", "pooled") if name in encoded}
     data = config.data
     latent_cache.write_metadata(output, {
         "kind": pipe.kind, "resolution": data.resolution, "dtype": dtype, "num_shards": count,

@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpo_jax import diffusion, optim, parallel
+from dpo_jax import config_checks, diffusion, optim, parallel, precision
 from dpo_jax.checkpoint import Checkpointer
 from dpo_jax.data import latent_cache, loader, skips, synthetic
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_log import MetricsLog
 from dpo_jax.models import pipeline as pipeline_lib, unet_io
 from dpo_jax.models.unet import init_params
-from dpo_jax.train_step import Encoders, TrainState, make_pair_loss, make_train_step
+from dpo_jax.train_step import (Encoders, NoiseOptions, TrainState, make_encode_step,
+                                make_pair_loss, make_train_step)
 
 # The SD1.x/2.x training schedule, for random-init runs; a pipeline brings its own.
 DEFAULT_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
@@ -33,30 +34,60 @@ class Models:
   tokenizers: tuple = ()
 
 
+def _noise_schedule(scheduler_config: dict, config: ml_collections.ConfigDict
+                    ) -> diffusion.NoiseSchedule:
+  if config.diffusion.zero_terminal_snr:
+    scheduler_config = {**scheduler_config, "rescale_betas_zero_snr": True}
+  schedule = diffusion.NoiseSchedule.from_scheduler_config(scheduler_config)
+  allowed = config_checks.timesteps(config) or ()
+  if allowed and max(allowed) >= schedule.num_train_timesteps:
+    raise UserError(f"diffusion.timesteps={config.diffusion.timesteps!r} goes past the "
+                    f"schedule's {schedule.num_train_timesteps} training timesteps (0 to "
+                    f"{schedule.num_train_timesteps - 1})")
+  return schedule
+
+
 def load_models(config: ml_collections.ConfigDict) -> Models:
   options = dict(dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
                  attention_implementation=config.model.attention_implementation)
   if config.model.pretrained is None:
+    if config.model.unet_init or config.model.vae:
+      raise UserError("model.unet_init and model.vae replace parts of model.pretrained; set "
+                      "--config.model.pretrained to the pipeline folder too")
     unet = unet_io.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
     return Models(unet, init_params(unet, jax.random.key(config.train.seed)),
-                  diffusion.NoiseSchedule.from_scheduler_config(DEFAULT_SCHEDULER))
-  pipe = pipeline_lib.load_pipeline(config.model.pretrained, variant=config.model.variant,
-                                    **options)
+                  _noise_schedule(DEFAULT_SCHEDULER, config))
+  pipe = load_pipeline(config, **options)
   encoders = Encoders(pipe.kind, pipe.vae, tuple(module for module, _ in pipe.text_encoders),
                       constant_time_ids=config.data.sdxl_time_ids == "constant")
   frozen = {"vae": pipe.vae_params,
             "text_encoders": tuple(params for _, params in pipe.text_encoders)}
-  return Models(pipe.unet, pipe.unet_params, pipe.noise_schedule, encoders, frozen,
-                pipe.tokenizers)
+  return Models(pipe.unet, pipe.unet_params, _noise_schedule(pipe.scheduler_config, config),
+                encoders, frozen, pipe.tokenizers)
+
+
+def load_pipeline(config: ml_collections.ConfigDict, **options) -> pipeline_lib.Pipeline:
+  """model.pretrained with the config's VAE, UNet and per-component dtypes: what training
+  and `prepare` both encode with."""
+  return pipeline_lib.load_pipeline(
+      config.model.pretrained, variant=config.model.variant, revision=config.model.revision,
+      vae=config.model.vae,
+      unet_init=config.model.unet_init, vae_dtype=jnp.dtype(config.model.vae_dtype),
+      text_encoder_dtype=jnp.dtype(config.model.text_encoder_dtype), **options)
 
 
 def _initial_state(initial_params, optimizer, config: ml_collections.ConfigDict) -> TrainState:
   params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), initial_params)
-  reference_dtype = jnp.dtype(config.model.reference_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    reference_params=jax.tree_util.tree_map(
-                        lambda p: p.astype(reference_dtype), params),
+                    reference_params=precision.reference_params(
+                        params, config.model.reference_dtype),
                     opt_state=optimizer.init(params))
+
+
+def noise_options(config: ml_collections.ConfigDict) -> NoiseOptions:
+  return NoiseOptions(timesteps=config_checks.timesteps(config),
+                      offset=config.diffusion.noise_offset,
+                      input_perturbation=config.diffusion.input_perturbation)
 
 
 def make_data_iterator(config: ml_collections.ConfigDict, models: Models):
@@ -132,10 +163,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   batch_sharding = parallel.batch_sharding(mesh)
   pair_loss = make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
                              loss_name=config.dpo.loss, seed=config.train.seed,
-                             encoders=models.encoders)
+                             encoders=models.encoders, compute_dtype=config.model.compute_dtype,
+                             noise=noise_options(config),
+                             reference_pass=config.dpo.reference_pass)
   step_fn = make_train_step(pair_loss, optimizer, grad_accum=config.train.grad_accum,
-                            state_shardings=state_shardings, frozen_shardings=frozen_shardings,
-                            batch_sharding=batch_sharding)
+                            state_shardings=state_shardings, batch_sharding=batch_sharding)
+  encode_step = None
+  if frozen_params is not None:  # Images and captions: encoded in a program of their own.
+    encode_step = make_encode_step(models.encoders, images=1 if config.dpo.loss == "sft" else 2,
+                                   grad_accum=config.train.grad_accum,
+                                   frozen_shardings=frozen_shardings,
+                                   batch_sharding=batch_sharding)
+
+  def step_input(host_batch):
+    batch = parallel.host_to_global(host_batch, batch_sharding)
+    return encode_step(frozen, batch) if encode_step else batch
+
   data = make_data_iterator(config, models)
 
   checkpointer = Checkpointer(workdir, every=config.train.ckpt_every)
@@ -146,8 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     print(f"resumed from step {start} in {workdir}", flush=True)
   log = MetricsLog(workdir, config.train.steps)
   try:
-    state = _run_steps(config, start, state, frozen, step_fn, data, batch_sharding,
-                       checkpointer, log)
+    state = _run_steps(config, start, state, step_fn, step_input, data, checkpointer, log)
   finally:
     checkpointer.wait()
     checkpointer.close()
@@ -155,13 +197,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   return state
 
 
-def _run_steps(config, start: int, state, frozen, step_fn, data, batch_sharding,
+def _run_steps(config, start: int, state, step_fn, step_input, data,
                checkpointer: Checkpointer, log: MetricsLog):
   """Steps start + 1 .. train.steps: log, save, and stop on too much bad data."""
   lr_at = optim.learning_rate_schedule(config)
   last = config.train.steps
   for step in range(start + 1, last + 1):
-    state, metrics = step_fn(state, frozen, parallel.host_to_global(next(data), batch_sharding))
+    state, metrics = step_fn(state, step_input(next(data)))
     too_bad = None
     if step % config.train.log_every == 0 or step in (1, last):
       counts = skips.sum_counts(parallel.gather_from_hosts(data.counts))

@@ -11,10 +11,10 @@ import pytest
 
 import tiny_data
 import tiny_models
-from dpo_jax import prepare as prepare_lib, train
+from dpo_jax import parallel, prepare as prepare_lib, train
 from dpo_jax.data import latent_cache, loader
 from dpo_jax.errors import UserError
-from dpo_jax.train_step import make_pair_loss
+from dpo_jax.train_step import encode_function, make_pair_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
@@ -47,6 +47,9 @@ def _config(folder, **data):
   config.data.update(dict(random_crop=True, random_flip=True, empty_prompt_prob=0.5,
                           sdxl_time_ids="actual") | data)
   config.train.batch_pairs = 4
+  # The recipes' dtypes: the UNet in bfloat16; the encoders in model.vae_dtype and
+  # model.text_encoder_dtype (float32) both in the step and in prepare.
+  config.model.compute_dtype = config.model.reference_dtype = "bfloat16"
   return config
 
 
@@ -63,26 +66,36 @@ def test_training_from_the_cache_gives_the_raw_loss_for_the_same_noise(kind_and_
   cache_batches = train.make_data_iterator(cached, models)
   pair_loss = jax.jit(make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
                                      loss_name="dpo", seed=config.train.seed,
-                                     encoders=models.encoders))
-  # A policy that differs from the reference, so the loss is not ln 2 whatever the inputs.
-  policy = jax.tree_util.tree_map(lambda p: p * 1.002, models.initial_params)
+                                     encoders=models.encoders,
+                                     compute_dtype=config.model.compute_dtype))
+  # One pair per device, as prepare laid its batches out over the 8 devices: the encoders'
+  # matmuls then take the same shapes, and give the same float32 numbers, in both.
+  mesh = parallel.make_mesh(-1, 1, jax.devices()[:config.train.batch_pairs])
+  encode = jax.jit(encode_function(models.encoders),
+                   in_shardings=(None, parallel.batch_sharding(mesh)))
+  # A policy that differs from the reference, so the loss is not ln 2 whatever the inputs
+  # (by more than bfloat16's rounding, which would map it back onto the reference).
+  policy = jax.tree_util.tree_map(lambda p: p * 1.02, models.initial_params)
   dropped = 0
   for _ in range(PAIRS // config.train.batch_pairs):  # Epoch 0: the cache's crops and flips.
     raw, cache = next(raw_batches), next(cache_batches)
     np.testing.assert_array_equal(raw["pair_ids"], cache["pair_ids"])
     np.testing.assert_array_equal(raw["epochs"], cache["epochs"])
     assert "pixels" not in cache and "input_ids_0" not in cache
-    raw_loss, raw_metrics = pair_loss(policy, models.initial_params, models.frozen_params, raw)
-    cache_loss, cache_metrics = pair_loss(policy, models.initial_params, None, cache)
-    # The same latent samples and noise give the same denoising errors, up to float32
-    # rounding (the cache encoded in batches of 5, the step in batches of 4)...
+    encoded = jax.device_put(encode(models.frozen_params, raw), jax.devices()[0])
+    raw_loss, raw_metrics = pair_loss(policy, models.initial_params, encoded)
+    cache_loss, cache_metrics = pair_loss(policy, models.initial_params, cache)
+    # In the recipe's dtypes: the encoders in float32 in prepare and in the step
+    # (model.vae_dtype, model.text_encoder_dtype), with the same per-device batch, give the
+    # same numbers; the step is one program whichever source its batch came from; so the
+    # bfloat16 UNet computes the same errors, and β/2 = 2500 has nothing to amplify. (A
+    # 1e-6 float32 difference in the encodings would flip bfloat16 roundings and move the
+    # loss by ~0.1 at this tiny size.)
     for name in ("policy_error_winner", "policy_error_loser", "reference_error_winner",
                  "reference_error_loser"):
-      np.testing.assert_allclose(cache_metrics[name], raw_metrics[name], rtol=1e-5,
-                                 err_msg=name)
-    # ...and the same loss, where β/2 = 2500 multiplies that rounding.
+      np.testing.assert_array_equal(cache_metrics[name], raw_metrics[name], err_msg=name)
     assert abs(float(raw_loss) - np.log(2)) > 0.05
-    np.testing.assert_allclose(cache_loss, raw_loss, rtol=1e-3)
+    np.testing.assert_array_equal(cache_loss, raw_loss)
     empty = latent_cache.LatentCacheSource(cached.data.cache_dir).empty_prompt["context"]
     dropped += sum(np.array_equal(c, empty) for c in cache["context"])
   assert 0 < dropped < PAIRS  # Prompt dropout reached the cache batches too.

@@ -50,7 +50,8 @@ def test_learns_a_preference_that_generalises_and_never_touches_the_reference(fi
   heldout.data.empty_prompt_prob = 0.0
   batches = train.make_data_iterator(heldout, models)
   evaluate = make_eval_step(make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
-                                           loss_name="dpo", seed=1234, encoders=models.encoders))
+                                           loss_name="dpo", seed=1234,
+                                           encoders=models.encoders), models.encoders)
   # 16 held-out pairs, each seen 4 times with fresh (t, noise): 64 comparisons, where chance
   # (the policy no better than the reference) gives 0.5 ± 0.0625.
   accuracy = np.mean([float(evaluate(state, models.frozen_params, next(batches))["implicit_acc"])

@@ -1,0 +1,94 @@
+"""The dtypes policy and reference params enter the UNet in, so that both round alike.
+
+Flax's Dense and Conv cast their kernel and bias to the compute dtype before use; the
+normalisation layers apply their scale and bias in float32. At step 1 the policy and the
+reference hold the same weights, and any difference between their two passes is noise that
+β/2 (1000-2500) amplifies into the loss. So a bfloat16 reference rounds only what the compute
+rounds anyway, and both param sets are cast to the same per-leaf dtypes before the one UNet
+function runs on them: the two passes are then the same computation on equal inputs.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(key, "key", key)) for key in path)
+
+
+def rounded_by_compute(params):
+  """A bool per leaf: True for the params of layers that hold a 'kernel' (Dense, Conv, whose
+  kernel and bias Flax casts to the compute dtype), False for the rest (normalisation scales
+  and biases, used in float32)."""
+  with_kernel = {names[:-1] for names in map(
+      _path_names, (path for path, _ in jax.tree_util.tree_leaves_with_path(params)))
+                 if names[-1] == "kernel"}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _path_names(path)[:-1] in with_kernel, params)
+
+
+def leaf_dtypes(params, rounded_dtype):
+  """`rounded_dtype` for the leaves the compute rounds, float32 for the others."""
+  return jax.tree_util.tree_map(lambda rounded: jnp.dtype(rounded_dtype if rounded else
+                                                          jnp.float32),
+                                rounded_by_compute(params))
+
+
+def cast(params, dtypes):
+  """Each leaf cast to its dtype (a tree of dtypes shaped like params); differentiable."""
+  return jax.tree_util.tree_map(lambda p, dtype: p.astype(dtype), params, dtypes)
+
+
+def reference_params(params, reference_dtype):
+  """The frozen copy: the rounded leaves stored in `reference_dtype`, the rest float32."""
+  return cast(params, leaf_dtypes(params, reference_dtype))
+
+
+def separate_passes(fn, params, reference_params):
+  """(fn(params), fn(reference_params)) as two programs: no reference activations are held
+  for the backward pass, but the two can round differently (see `policy_and_reference`)."""
+  return fn(params), jax.lax.stop_gradient(fn(reference_params))
+
+
+def policy_and_reference(fn, params, reference_params):
+  """(fn(params), fn(reference_params)), from one compiled body run on both.
+
+  `fn` maps UNet params to what the loss compares (the per-sample errors): everything
+  between the params and the loss belongs inside it, since a reduction outside could again
+  be compiled two ways.
+
+  Two separate calls compile to two programs that XLA fuses and lays out differently (the
+  policy's pass also feeds its backward pass), so they accumulate in different orders, and
+  bfloat16 rounding turns those last-bit differences into a step-1 loss visibly off ln 2.
+  Here `lax.map` runs a single body, the forward pass with its residuals, on both param
+  sets; the backward pass uses the policy's residuals alone. The compute is that of the two
+  separate calls; the memory adds the reference's residuals (small under model.remat).
+  Gradients flow to `params` only. XLA's cost analysis counts a loop body once, so a step's
+  reported FLOPs leave out one of the two forward passes.
+  """
+  stacked = jax.tree_util.tree_map(lambda p, r: jnp.stack([p, r.astype(p.dtype)]), params,
+                                   reference_params)
+  residual_structure = []
+
+  def forward_with_residuals(p):
+    output, backward = jax.vjp(fn, p)
+    residuals, structure = jax.tree_util.tree_flatten(backward)
+    residual_structure.append(structure)
+    return output, residuals
+
+  @jax.custom_vjp
+  def both(stacked):
+    return jax.lax.map(fn, stacked)
+
+  def both_forward(stacked):
+    outputs, residuals = jax.lax.map(forward_with_residuals, stacked)
+    return outputs, [r[0] for r in residuals]
+
+  def both_backward(residuals, cotangent):
+    backward = jax.tree_util.tree_unflatten(residual_structure[-1], residuals)
+    (policy_gradient,) = backward(cotangent[0])
+    return (jax.tree_util.tree_map(lambda g: jnp.stack([g, jnp.zeros_like(g)]),
+                                   policy_gradient),)
+
+  both.defvjp(both_forward, both_backward)
+  outputs = both(stacked)
+  return outputs[0], outputs[1]
