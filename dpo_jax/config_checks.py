@@ -10,9 +10,14 @@ _CHOICES = {
     ("data", "format"): ("synthetic", "pickapic", "jsonl", "tfds"),
     ("data", "sdxl_time_ids"): ("constant", "actual"),
     ("dpo", "loss"): ("dpo", "sft"),
+    ("dpo", "reference_pass"): ("shared", "separate"),
     ("optim", "name"): ("adamw", "adafactor"),
+    ("optim", "adafactor_factoring"): ("transformers", "optax"),
+    ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("model", "compute_dtype"): ("float32", "bfloat16"),
     ("model", "reference_dtype"): ("float32", "bfloat16"),
+    ("model", "vae_dtype"): ("float32", "bfloat16"),
+    ("model", "text_encoder_dtype"): ("float32", "bfloat16"),
 }
 _POSITIVE = (("dpo", "beta"), ("train", "steps"), ("train", "batch_pairs"), ("train", "grad_accum"),
              ("train", "log_every"), ("train", "ckpt_every"), ("data", "resolution"))
@@ -33,6 +38,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.data.max_bad_fraction <= 1:
     raise UserError(f"data.max_bad_fraction must be in [0, 1], got "
                     f"{config.data.max_bad_fraction}; set --config.data.max_bad_fraction")
+  if config.data.max_train_pairs is not None and config.data.max_train_pairs < 1:
+    raise UserError(f"data.max_train_pairs must be >= 1, got {config.data.max_train_pairs}; "
+                    "set --config.data.max_train_pairs or leave it unset for all pairs")
+  for key in ("noise_offset", "input_perturbation"):
+    if not config.diffusion[key] >= 0:
+      raise UserError(f"diffusion.{key} must be >= 0, got {config.diffusion[key]}")
+  timesteps(config)
   if config.data.resolution % 8:
     raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
                     "VAE downsamples by 8)")
@@ -50,3 +62,18 @@ def _check_data_source(config: ml_collections.ConfigDict) -> None:
     example = "DIR/*.parquet" if config.data.format == "pickapic" else "pairs.jsonl"
     raise UserError(f"data.train_files is not set; data.format='{config.data.format}' needs "
                     f"its files: pass --config.data.train_files='{example}'")
+
+
+def timesteps(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+  """`diffusion.timesteps` as a tuple of ints, or None when unset."""
+  text = config.diffusion.timesteps
+  if not text:
+    return None
+  try:
+    values = tuple(int(value) for value in str(text).split(","))
+  except ValueError:
+    raise UserError(f"diffusion.timesteps={text!r} must be comma-separated integers, e.g. "
+                    "'249,499,749,999'") from None
+  if min(values) < 0:
+    raise UserError(f"diffusion.timesteps={text!r} holds a negative timestep")
+  return values

@@ -24,8 +24,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.pretrained = config_dict.placeholder(str)
   config.model.unet = ml_collections.ConfigDict(DEMO_UNET)
   config.model.variant = config_dict.placeholder(str)  # e.g. 'fp16' for *.fp16.safetensors.
-  config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators.
-  config.model.reference_dtype = "float32"  # 'bfloat16' halves the frozen copy's memory.
+  config.model.revision = config_dict.placeholder(str)  # A hub id's branch, tag or commit.
+  # A UNet (or pipeline) folder whose UNet replaces the pipeline's as the starting point of
+  # policy and reference (official --unet_init), e.g. an earlier SFT run's export.
+  config.model.unet_init = config_dict.placeholder(str)
+  # A VAE folder replacing the pipeline's for encoding (official
+  # --pretrained_vae_model_name_or_path, e.g. madebyollin/sdxl-vae-fp16-fix).
+  config.model.vae = config_dict.placeholder(str)
+  config.model.compute_dtype = "float32"  # The UNet's; 'bfloat16' on accelerators.
+  # The frozen copy: 'bfloat16' rounds what the compute rounds anyway (dense and conv
+  # weights) and halves its memory; normalisation scales and biases stay float32.
+  config.model.reference_dtype = "float32"
+  # The frozen encoders' compute dtypes, in the step and in `prepare` alike, so a latent
+  # cache equals encoding in the step. float32 by default: they run once per image.
+  config.model.vae_dtype = "float32"
+  config.model.text_encoder_dtype = "float32"
   config.model.remat = False
   config.model.attention_implementation = config_dict.placeholder(str)  # 'xla' | 'cudnn'
 
@@ -37,6 +50,12 @@ def get_config() -> ml_collections.ConfigDict:
   # model.pretrained).
   config.data.format = "synthetic"
   config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
+  # Pick-a-Pic given as a folder (data.train_files=PICKAPIC_V2): its files of this split,
+  # '{split}-*.parquet' anywhere below it ('train', 'validation', 'test',
+  # 'validation_unique', 'test_unique'), as the official --split.
+  config.data.split = "train"
+  # Train on a seeded random subset of this many pairs (official --max_train_samples).
+  config.data.max_train_pairs = config_dict.placeholder(int)
   # data.format='tfds': 'name', 'name:1.0.0' (found in tfds_data_dir) or a prepared version
   # folder; read with tfds.data_source, without TensorFlow.
   config.data.tfds_name = config_dict.placeholder(str)
@@ -90,19 +109,45 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.process_id = config_dict.placeholder(int)
   config.distributed.multi_process = config_dict.placeholder(bool)
 
+  # How each pair's (t, ε) is drawn; the defaults are the paper's.
+  config.diffusion = ml_collections.ConfigDict()
+  # Comma-separated timesteps to draw t from, uniformly; unset: every training timestep.
+  # SDXL-Turbo (official launchers/turbo.sh): '249,499,749,999'.
+  config.diffusion.timesteps = config_dict.placeholder(str)
+  # Rescale the pipeline's schedule to zero terminal SNR (the official code does for Turbo).
+  config.diffusion.zero_terminal_snr = False
+  config.diffusion.noise_offset = 0.0  # Official --noise_offset: ε += offset·N(0,1) per channel.
+  # Official --input_perturbation: the noisy input uses ε + p·N(0, I), the target stays ε.
+  config.diffusion.input_perturbation = 0.0
+
   config.dpo = ml_collections.ConfigDict()
   config.dpo.beta = 5000.0  # Paper convention (½ inside the sigmoid).
   config.dpo.loss = "dpo"  # 'dpo' | 'sft'
+  # 'shared': policy and reference run through one compiled UNet body, so at step 1 their
+  # errors are equal bit for bit in any dtype (the loss is exactly ln 2); the reference's
+  # activations are then held until the backward pass (small under model.remat).
+  # 'separate': two programs, without that memory, whose bfloat16 roundings can differ.
+  config.dpo.reference_pass = "shared"
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"  # 'adamw' | 'adafactor'
+  # Adafactor's factored second moment: 'transformers' factors every tensor of 2+ dims over
+  # the last two dims of its PyTorch layout, as the official code's transformers.Adafactor;
+  # 'optax' factors over the two largest axes, only when both are >= 128 (optax's choice).
+  config.optim.adafactor_factoring = "transformers"
   # The exact peak learning rate. Real runs unset it (`placeholder(float)`) to derive it from
   # the paper's recipe, lr_per_pair × pairs per step × 2000/β; the demo's random UNet needs
   # a larger step to show learning in 40 steps.
   config.optim.peak_lr = 1e-6
   config.optim.lr_per_pair = 1e-8
   config.optim.warmup_steps = 0
+  # After the warmup: 'constant' (the paper's), or 'linear' / 'cosine' decay to 0.
+  config.optim.schedule = "constant"
   config.optim.warmup_fraction = config_dict.placeholder(float)  # Overrides warmup_steps.
   config.optim.weight_decay = 1e-2
+  # AdamW's moments (official --adam_beta1, --adam_beta2, --adam_epsilon defaults).
+  config.optim.adam_beta1 = 0.9
+  config.optim.adam_beta2 = 0.999
+  config.optim.adam_epsilon = 1e-8
   config.optim.grad_clip_norm = 1.0
   return config

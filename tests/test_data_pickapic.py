@@ -247,3 +247,37 @@ def test_threads_wanting_one_row_group_share_one_read(shards, monkeypatch):
     captions = [future.result()["caption"] for future in futures]
   assert reads == [0]
   assert captions == ["a cat", "a photo"] * 4
+
+
+def test_max_train_pairs_trains_on_a_seeded_subset_with_its_own_pair_ids(shards, tokenizers):
+  """The official --max_train_samples: a random subset drawn from the seed, each pair keeping
+  its id (so its noise), every epoch the same subset."""
+  files, _ = shards
+  full = len(pickapic.PickapicSource(files))
+  subset_ids = []
+  for seed in (0, 0, 1):
+    config = _config(files, seed=seed, max_train_pairs=3)
+    # 12 pairs kept: four epochs of three, or six of two when the subset drew the pair with
+    # a corrupt image (skipped each time it comes up).
+    seen = _by_pair(_batches(config, tokenizers, count=6))
+    ids = {pair for _, pair in seen}
+    assert len(ids) in (2, 3) and ids <= set(range(full))
+    assert {epoch for epoch, _ in seen} == set(range(12 // len(ids)))
+    subset_ids.append(ids)
+  assert subset_ids[0] == subset_ids[1] != subset_ids[2]
+
+
+def test_a_pickapic_folder_reads_the_shards_of_data_split(tmp_path):
+  """The hub snapshot's layout: data/{split}-NNNNN-of-NNNNN.parquet."""
+  data = tmp_path / "pickapic_v2" / "data"
+  data.mkdir(parents=True)
+  for split, pairs in (("train", 5), ("validation", 3), ("validation_unique", 2)):
+    tiny_data.write_warm_vs_cool(str(data / f"{split}-00000-of-00001.parquet"), pairs=pairs,
+                                 seed=pairs)
+  sizes = {split: len(loader.make_source(ml_collections.ConfigDict(
+      {"format": "pickapic", "train_files": str(tmp_path / "pickapic_v2"), "split": split})))
+      for split in ("train", "validation", "validation_unique")}
+  assert sizes == {"train": 5, "validation": 3, "validation_unique": 2}
+  with pytest.raises(UserError, match="test-"):
+    loader.make_source(ml_collections.ConfigDict(
+        {"format": "pickapic", "train_files": str(tmp_path / "pickapic_v2"), "split": "test"}))

@@ -224,3 +224,44 @@ def test_missing_or_wrong_component_is_refused(saved, tmp_path, entry, expected)
   with pytest.raises(UserError) as error:
     pipeline_lib.load_pipeline(str(tmp_path / "copy"))
   assert expected in _one_line(error)
+
+
+def _unet_state(params):
+  from dpo_jax.models import weights
+  return weights.params_to_state_dict(params)
+
+
+def test_model_vae_and_unet_init_replace_the_pipelines_own(tmp_path):
+  """The official --pretrained_vae_model_name_or_path and --unet_init: a VAE folder and a
+  UNet (or pipeline) folder whose weights replace the pipeline's."""
+  folder = tmp_path / "pipeline"
+  tiny_models.make_pipeline("sd").save_pretrained(folder)
+  other_vae = tiny_models.make_vae(seed=7)
+  other_vae.save_pretrained(tmp_path / "vae")
+  other_unet = tiny_models.make_unet(tiny_models.SD15_UNET, seed=7)
+  other_unet.save_pretrained(tmp_path / "init" / "unet")
+  base = pipeline_lib.load_pipeline(str(folder))
+  for unet_init in (tmp_path / "init", tmp_path / "init" / "unet"):  # Pipeline-like or UNet.
+    pipe = pipeline_lib.load_pipeline(str(folder), vae=str(tmp_path / "vae"),
+                                      unet_init=str(unet_init))
+    for key, value in _unet_state(pipe.unet_params).items():
+      np.testing.assert_array_equal(value, other_unet.state_dict()[key].numpy(), err_msg=key)
+    np.testing.assert_array_equal(pipe.vae_params["encoder"]["conv_in"]["kernel"],
+                                  other_vae.encoder.conv_in.weight.detach().numpy().transpose(
+                                      2, 3, 1, 0))
+    assert not np.array_equal(pipe.vae_params["encoder"]["conv_in"]["kernel"],
+                              base.vae_params["encoder"]["conv_in"]["kernel"])
+    assert pipe.folder == base.folder  # Export still copies the pipeline's own components.
+  with pytest.raises(UserError, match="model.unet_init"):
+    pipeline_lib.load_pipeline(str(folder), unet_init=str(tmp_path / "vae" / "nothing"))
+  with pytest.raises(UserError, match="neither config.json nor unet/config.json"):
+    pipeline_lib.load_pipeline(str(folder), unet_init=str(tmp_path))
+
+
+def test_vae_and_text_encoders_take_their_own_compute_dtype(tmp_path):
+  folder = tmp_path / "pipeline"
+  tiny_models.make_pipeline("sdxl").save_pretrained(folder)
+  pipe = pipeline_lib.load_pipeline(str(folder), dtype=jnp.bfloat16, vae_dtype=jnp.float32,
+                                    text_encoder_dtype=jnp.float32)
+  assert pipe.unet.dtype == jnp.bfloat16 and pipe.vae.dtype == jnp.float32
+  assert all(module.dtype == jnp.float32 for module, _ in pipe.text_encoders)

@@ -33,3 +33,11 @@ def expand_files(spec: str | None, key: str = "data.train_files",
       raise UserError(f"{key}: {entry} is not a file; give existing files or a glob such as "
                       f"{example} via --config.{key}")
   return paths
+
+
+def split_files(spec: str | None, split: str) -> str | None:
+  """A Pick-a-Pic snapshot folder given as `spec` -> a glob of its `split` shards (the hub
+  layout names them data/{split}-NNNNN-of-NNNNN.parquet); anything else unchanged."""
+  if spec and os.path.isdir(os.path.expanduser(spec.strip())):
+    return os.path.join(os.path.expanduser(spec.strip()), "**", f"{split}-*.parquet")
+  return spec

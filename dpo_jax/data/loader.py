@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 import grain.python as grain
 import transformers
 
-from dpo_jax.data import jsonl_pairs, latent_cache, pickapic, skips, tfds_pairs, transforms
+from dpo_jax.data import (files, jsonl_pairs, latent_cache, pickapic, skips, subset, tfds_pairs,
+                          transforms)
 from dpo_jax.errors import UserError
 
 # Raw records hold two JPEGs (~0.7 MB for Pick-a-Pic): bound what the read threads hold.
@@ -53,7 +54,8 @@ def make_source(data_config):
     return tfds_pairs.TfdsPairsSource(data_config.tfds_name, split=data_config.tfds_split,
                                       data_dir=data_config.get("tfds_data_dir"),
                                       model_filter=model_filter)
-  return pickapic.PickapicSource(data_config.train_files, model_filter=model_filter)
+  train_files = files.split_files(data_config.train_files, data_config.get("split", "train"))
+  return pickapic.PickapicSource(train_files, model_filter=model_filter)
 
 
 def _prepare_pair(config, empty_prompt_prob: float) -> transforms.PreparePair:
@@ -70,8 +72,9 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
   when set (see `latent_cache`), else of `config.data.train_files`.
 
   Args:
-    config: reads data.{format, train_files, cache_dir, model_filter, resolution,
-      random_crop, random_flip, shared_flip, empty_prompt_prob, workers, max_bad_fraction}
+    config: reads data.{format, train_files, split, cache_dir, model_filter, max_train_pairs,
+      resolution, random_crop, random_flip, shared_flip, empty_prompt_prob, workers,
+      max_bad_fraction}
       and train.{batch_pairs, seed}.
     tokenizers: the pipeline's tokenizers in model_index order (SDXL: two).
     process_index: this host, `jax.process_index()`.
@@ -86,6 +89,8 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
     source = make_source(config.data)
     pair_operations = [_prepare_pair(config, config.data.empty_prompt_prob),
                        skips.CountSkipped(), transforms.Tokenize(tokenizers)]
+  if config.data.get("max_train_pairs"):
+    source = subset.RandomSubset(source, config.data.max_train_pairs, config.train.seed)
   indexed = {"kept": len(source), **source.skipped_at_start}
   error = skips.too_many_bad(indexed, config.data.get("max_bad_fraction", 1.0),
                              "data.train_files")

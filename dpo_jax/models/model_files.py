@@ -21,25 +21,29 @@ DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' and transformers' default m
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
-def resolve_pretrained(name_or_path: str) -> str:
-  """A local folder for `name_or_path`: the folder itself, or a hub snapshot when online."""
+def resolve_pretrained(name_or_path: str, key: str = "model.pretrained",
+                       revision: str | None = None) -> str:
+  """A local folder for `name_or_path`: the folder itself, or a hub snapshot (of `revision`,
+  default the main branch) when online. `key` is the config key that named it, for errors.
+  """
   if os.path.isdir(name_or_path):
     return name_or_path
   if os.path.exists(name_or_path):
-    raise UserError(f"model.pretrained '{name_or_path}' is a file; point it at a diffusers "
-                    "pipeline folder (the one holding model_index.json)")
+    raise UserError(f"{key} '{name_or_path}' is a file; point it at a diffusers folder (the "
+                    "one holding model_index.json or config.json)")
   if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".", "~")):
-    raise UserError(f"model.pretrained '{name_or_path}' does not exist; give a local diffusers "
+    raise UserError(f"{key} '{name_or_path}' does not exist; give a local diffusers "
                     "folder or a hub id like 'org/name'")
   import huggingface_hub  # Imported lazily: only hub ids need it.
   try:
     return huggingface_hub.snapshot_download(
-        name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        name_or_path, revision=revision,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
   except Exception as error:  # The hub client raises many types; all mean "not reachable".
     raise UserError(
-        f"cannot fetch '{name_or_path}' from the Hugging Face hub ({type(error).__name__}); on a "
-        f"machine with network run `hf download {name_or_path} --local-dir DIR` and set "
-        "model.pretrained=DIR") from None
+        f"cannot fetch '{name_or_path}' ({key}) from the Hugging Face hub "
+        f"({type(error).__name__}); on a machine with network run `hf download "
+        f"{name_or_path} --local-dir DIR` and set {key}=DIR") from None
 
 
 def _with_variant(filename: str, variant: str | None) -> str:

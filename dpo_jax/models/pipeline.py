@@ -16,7 +16,7 @@ import transformers
 
 from dpo_jax import diffusion
 from dpo_jax.errors import UserError
-from dpo_jax.models import clip, model_files, tokenizer, unet_io, vae
+from dpo_jax.models import clip, model_files, tokenizer, unet_io, vae as vae_lib
 from dpo_jax.models.unet import UNet2DConditionModel
 from dpo_jax.models.vae import AutoencoderKL
 
@@ -104,22 +104,43 @@ def _check_compatible(unet: UNet2DConditionModel, encoders, where: str) -> None:
                       f"add_embedding expects {pooled}; the components do not belong together")
 
 
-def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, variant: str | None = None,
-                  attention_implementation: str | None = None, remat: bool = False) -> Pipeline:
+def _unet_folder(folder: str) -> str:
+  """`model.unet_init`: a UNet folder (config.json) or a pipeline-like folder with unet/."""
+  folder = model_files.resolve_pretrained(folder, key="model.unet_init")
+  if os.path.isfile(os.path.join(folder, "unet", "config.json")):
+    return os.path.join(folder, "unet")
+  if os.path.isfile(os.path.join(folder, "config.json")):
+    return folder
+  raise UserError(f"model.unet_init: {folder} holds neither config.json nor unet/config.json; "
+                  "point it at a diffusers UNet folder or a pipeline folder")
+
+
+def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
+                  text_encoder_dtype=None, variant: str | None = None,
+                  attention_implementation: str | None = None, remat: bool = False,
+                  vae: str | None = None, unet_init: str | None = None,
+                  revision: str | None = None) -> Pipeline:
   """Reads a StableDiffusionPipeline or StableDiffusionXLPipeline folder (or hub id).
 
   Args:
     folder_or_hub_id: a local diffusers pipeline folder, or a hub id like 'org/name'.
-    dtype: compute dtype of every module; params stay float32.
+    dtype: compute dtype of the UNet, and of the VAE and text encoders unless theirs are
+      given; params stay float32.
+    vae_dtype, text_encoder_dtype: compute dtypes of the VAE and of the text encoders.
     variant: weights variant of every component (e.g. 'fp16'), as diffusers' `variant`.
     attention_implementation: for the UNet and text encoders (e.g. 'cudnn'); None: XLA's.
     remat: recompute the UNet's blocks in the backward pass.
+    vae: a VAE folder (or hub id) to use instead of the pipeline's vae/ (e.g. SDXL's
+      fp16-fix VAE); export still writes the pipeline's own.
+    unet_init: a UNet (or pipeline) folder whose UNet replaces the pipeline's, e.g. an
+      earlier fine-tune to start policy and reference from.
+    revision: the hub revision of `folder_or_hub_id` (a branch, tag or commit).
 
   Raises:
     UserError: not a pipeline folder, an unsupported pipeline class, or a missing or
       mismatched component.
   """
-  folder = model_files.resolve_pretrained(folder_or_hub_id)
+  folder = model_files.resolve_pretrained(folder_or_hub_id, revision=revision)
   index = read_model_index(folder)
   where = os.path.join(folder, MODEL_INDEX)
   kind, slots = _kind_and_encoders(index, where)
@@ -132,13 +153,15 @@ def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, variant: str | No
                if attention_implementation else {})  # Else each module's own default.
   sub = lambda name: os.path.join(folder, name)
 
-  unet, unet_params = unet_io.load_unet(sub("unet"), variant=variant, dtype=dtype, remat=remat,
+  unet_folder = _unet_folder(unet_init) if unet_init else sub("unet")
+  unet, unet_params = unet_io.load_unet(unet_folder, variant=variant, dtype=dtype, remat=remat,
                                         **attention)
-  vae_model, vae_params = vae.load_vae(sub("vae"), variant=variant, dtype=dtype)
+  vae_folder = model_files.resolve_pretrained(vae, key="model.vae") if vae else sub("vae")
+  vae_model, vae_params = vae_lib.load_vae(vae_folder, variant=variant, dtype=vae_dtype or dtype)
   encoders, tokenizers = [], []
   for encoder_name, tokenizer_name, cls in slots:
-    encoders.append(clip.load_clip(sub(encoder_name), cls, dtype=dtype, variant=variant,
-                                   **attention))
+    encoders.append(clip.load_clip(sub(encoder_name), cls, dtype=text_encoder_dtype or dtype,
+                                   variant=variant, **attention))
     tokenizers.append(tokenizer.load_tokenizer(sub(tokenizer_name)))
   _check_compatible(unet, encoders, where)
   scheduler_config = model_files.read_config(sub("scheduler"), "scheduler_config.json")
