@@ -26,9 +26,12 @@ def get_config():
   # The code trains under fp16 autocast (--mixed_precision default); bfloat16 needs no loss
   # scaling. Policy params stay float32 masters either way.
   config.model.compute_dtype = "bfloat16"
-  # The code casts ref_unet to the fp16 weight dtype; a frozen copy loses nothing in bf16.
+  # The code casts ref_unet to the fp16 weight dtype. Here the bf16 copy rounds only what the
+  # bf16 compute rounds anyway (dense and conv weights), so step 1 is still exactly ln 2.
   config.model.reference_dtype = "bfloat16"
   # The code checkpoints gradients only for SDXL; SD1.5 at 512 px fits without recompute.
+  # (dpo.reference_pass='shared' then holds the reference's activations for the backward
+  # pass too; if memory binds, turn remat on or use 'separate'.)
   config.model.remat = False
   # Unset: XLA's attention on every backend. On GPUs 'cudnn' (flash attention) is the fast path:
   # --config.model.attention_implementation=cudnn.

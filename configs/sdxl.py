@@ -24,12 +24,14 @@ def get_config():
 
   # §5.1: the SDXL-1.0 base model [33]. Override with a local folder. launchers/sdxl.sh swaps
   # in madebyollin/sdxl-vae-fp16-fix because it encodes in fp16, where SDXL's VAE overflows;
-  # bfloat16 has float32's range, so the pipeline's own VAE serves.
+  # here the VAE encodes in float32 (model.vae_dtype), so the pipeline's own VAE serves. For
+  # the paper's exact encoder: --config.model.vae=madebyollin/sdxl-vae-fp16-fix.
   config.model.pretrained = "stabilityai/stable-diffusion-xl-base-1.0"
   # The code trains under fp16 autocast (--mixed_precision default); bfloat16 needs no loss
   # scaling. Policy params stay float32 masters either way.
   config.model.compute_dtype = "bfloat16"
-  # The code casts ref_unet to the fp16 weight dtype; a frozen copy loses nothing in bf16.
+  # The code casts ref_unet to the fp16 weight dtype. Here the bf16 copy rounds only what the
+  # bf16 compute rounds anyway (dense and conv weights), so step 1 is still exactly ln 2.
   config.model.reference_dtype = "bfloat16"
   # train.py turns on gradient checkpointing for every SDXL run: at 1024 px the activations of
   # the 2.6 B-parameter UNet, not its weights, bound the microbatch.

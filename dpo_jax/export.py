@@ -18,8 +18,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output
 
 def export(workdir: str, output: str, step: int | None = None, overwrite: bool = False) -> int:
   """Exports checkpoint `step` (default: newest) of the run in `workdir`; returns the step."""
-  import jax.numpy as jnp  # After flag parsing: JAX is slow to load.
-  from dpo_jax.checkpoint import Checkpointer
+  from dpo_jax.checkpoint import Checkpointer  # After flag parsing: JAX is slow to load.
   from dpo_jax.models import pipeline as pipeline_lib, unet_io
 
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -36,8 +35,11 @@ def export(workdir: str, output: str, step: int | None = None, overwrite: bool =
   params = checkpointer.restore_params(step)
   checkpointer.close()
   if config["model"]["pretrained"]:
+    # The run's UNet config: model.unet_init's when it replaced the pipeline's UNet.
     pipe = pipeline_lib.load_pipeline(config["model"]["pretrained"],
-                                      variant=config["model"].get("variant"))
+                                      variant=config["model"].get("variant"),
+                                      revision=config["model"].get("revision"),
+                                      unet_init=config["model"].get("unet_init"))
     pipeline_lib.export_pipeline(pipe, params, output, overwrite=overwrite)
   else:
     if os.path.isdir(output) and os.listdir(output) and not overwrite:

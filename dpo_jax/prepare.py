@@ -58,7 +58,7 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   import jax  # Here, not at the top: --help and flag errors should not wait for JAX.
   import jax.numpy as jnp
 
-  from dpo_jax import encode, parallel, train
+  from dpo_jax import parallel, train
   from dpo_jax.data import latent_cache, loader, skips
 
   if config.model.pretrained is None:

@@ -102,8 +102,8 @@ def _added_conditions(encoders: Encoders, batch, pooled, resolution: tuple[int, 
 
 
 def _from_cache(encoders: Encoders, batch, keys, images: int):
-  """A latent-cache batch (`data.latent_cache`): moments and embeddings -> the same inputs
-  `_encode_pixels` makes, without the frozen encoders."""
+  """An encoded batch (the latent cache's, or `make_encode_step`'s): moments and embeddings
+  -> latents [B, images, h, w, C] (posterior samples), context and added conditions."""
   moments = (batch[name][:, :images] for name in ("latent_mean", "latent_logvar"))
   latents = _posterior_samples(encoders, *moments, keys)
   factor = encoders.vae.config.downscale_factor

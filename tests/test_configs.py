@@ -95,11 +95,18 @@ def test_command_line_sets_the_optional_keys(name):
   config = _parse(["main", f"--config={REPO}/configs/{name}.py", "--config.optim.peak_lr=1e-6",
                    "--config.data.train_files=a/*.parquet,b.parquet",
                    "--config.model.pretrained=/models/local",
-                   "--config.model.attention_implementation=cudnn"])
+                   "--config.model.attention_implementation=cudnn",
+                   "--config.model.vae=/models/vae", "--config.model.unet_init=/models/sft",
+                   "--config.model.revision=v1", "--config.data.max_train_pairs=1000",
+                   "--config.diffusion.timesteps=249,499,749,999"])
   assert optim.peak_learning_rate(config) == 1e-6
   assert config.data.train_files == "a/*.parquet,b.parquet"
   assert config.model.pretrained == "/models/local"
   assert config.model.attention_implementation == "cudnn"
+  assert (config.model.vae, config.model.unet_init, config.model.revision) == (
+      "/models/vae", "/models/sft", "v1")
+  assert config.data.max_train_pairs == 1000
+  assert config_checks.timesteps(config) == (249, 499, 749, 999)
   config_checks.check_config(config)
 
 
@@ -139,3 +146,19 @@ def test_local_multiprocess_fails_when_a_process_fails(tmp_path):
   result = _local_multiprocess(tmp_path, "--config.dpo.beta=0")
   assert result.returncode != 0
   assert "dpo.beta" in result.stderr
+
+
+def test_readme_names_only_config_keys_that_exist():
+  """Every `section.key` the README cites (the official-flags table among them) is a key of
+  the default config, so the docs cannot drift from the code."""
+  import re
+  from dpo_jax import default_config
+  config = default_config.get_config()
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  cited = set(re.findall(r"`(?:--config\.)?((?:model|data|train|mesh|distributed|diffusion|dpo|"
+                         r"optim)\.[a-z_0-9]+)(?:=[^`]*)?`", readme))
+  cited = {key for key in cited if not key.endswith(".py")}  # train.py is a file.
+  assert len(cited) > 40
+  missing = sorted(key for key in cited if key.split(".")[1] not in config[key.split(".")[0]])
+  assert not missing, missing

@@ -274,3 +274,24 @@ def test_sft_learning_rate_has_no_inverse_beta_factor():
     assert optim.peak_learning_rate(config) == pytest.approx(2.048e-6, rel=1e-12)
   config.dpo.loss = "dpo"
   assert optim.peak_learning_rate(config) == pytest.approx(2.048e-6 * 0.4, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_schedules_match_diffusers_get_scheduler(name):
+  """optim.schedule against the official code's `get_scheduler(--lr_scheduler)`:
+  'constant' is its constant_with_warmup; every step's lr, warmup included."""
+  from diffusers.optimization import get_scheduler
+  config = _config(peak_lr=1e-4, warmup_steps=10, schedule=name)
+  config.train.steps = 50
+  tensor = torch.nn.Parameter(torch.zeros(1))
+  optimizer = torch.optim.SGD([tensor], lr=1e-4)
+  scheduler = get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer,
+                            num_warmup_steps=10, num_training_steps=50)
+  expected = []
+  for _ in range(50):
+    expected.append(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    scheduler.step()
+  ours = optim.learning_rate_schedule(config)
+  np.testing.assert_allclose([float(ours(step)) for step in range(50)], expected, rtol=1e-5,
+                             atol=1e-12)
