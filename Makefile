@@ -8,7 +8,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-.PHONY: install install-test demo test
+.PHONY: install install-test demo lint test
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
@@ -20,6 +20,10 @@ install-test: $(BIN)/python
 demo: install
 	$(BIN)/python -m dpo_jax.main --workdir workdirs/demo
 
-# Two workers: XLA compiles on one core at a time, so two test processes keep both busy.
-test: install-test
+lint: install-test
+	$(BIN)/ruff check .
+
+# Lint first (seconds), then two workers: XLA compiles on one core at a time, so two test
+# processes keep both busy.
+test: lint
 	$(BIN)/python -m pytest -n 2

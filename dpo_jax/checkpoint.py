@@ -49,7 +49,8 @@ class Checkpointer:
     return restored.state, restored.data
 
   def restore_config(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored.config
 
   def restore_params(self, step: int):
     """Only the policy params of `step`, whole on this host's first device, whatever mesh

@@ -1,6 +1,7 @@
 """The jitted Diffusion-DPO update: one function of (state, frozen, batch), state donated."""
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

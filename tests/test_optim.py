@@ -249,7 +249,8 @@ def test_grad_clipping_caps_the_global_norm_seen_by_adam():
     _, state = optimizer.update(grads, optimizer.init(params), params)
     mu = optax.tree_utils.tree_get(state, "mu")
     np.testing.assert_allclose(float(optax.global_norm(mu)), 0.1 * norm, rtol=1e-5)
-    direction = jax.tree_util.tree_map(lambda g: g * (norm / optax.global_norm(grads)), grads)
+    scale = norm / optax.global_norm(grads)
+    direction = jax.tree_util.tree_map(lambda g, scale=scale: g * scale, grads)
     for m, g in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(direction)):
       np.testing.assert_allclose(m, 0.1 * g, rtol=1e-4, atol=1e-9)
 

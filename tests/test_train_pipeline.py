@@ -61,7 +61,8 @@ def test_learns_a_preference_that_generalises_and_never_touches_the_reference(fi
 
   for key, value in weights.params_to_state_dict(state.reference_params).items():
     np.testing.assert_array_equal(value, weights.params_to_state_dict(models.initial_params)[key])
-  assert not np.array_equal(state.params["conv_in"]["kernel"], models.initial_params["conv_in"]["kernel"])
+  assert not np.array_equal(state.params["conv_in"]["kernel"],
+                            models.initial_params["conv_in"]["kernel"])
 
 
 def _run(module, *args):

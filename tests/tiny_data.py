@@ -39,7 +39,8 @@ def write_warm_vs_cool(path: str, pairs: int, seed: int, size: int = 40,
                        ("jpg_1", jpeg(images[1])), ("label_0", float(warm_first)),
                        ("label_1", float(not warm_first)),
                        ("model_0", models[i % len(models)][0]),
-                       ("model_1", models[i % len(models)][1]), ("has_label", True), ("are_different", True),
+                       ("model_1", models[i % len(models)][1]), ("has_label", True),
+                       ("are_different", True),
                        ("best_image_uid", f"{seed}-{i}")):
       rows[key].append(value)
   pq.write_table(pa.table(rows), path, row_group_size=16)

@@ -9,7 +9,8 @@ import numpy as np
 
 def synthetic_pairs(pair_ids: np.ndarray, *, seed: int, latent_size: int, channels: int,
                     context_length: int, context_dim: int) -> dict[str, np.ndarray]:
-  """A batch of B=len(pair_ids) pairs: latents [B, 2, H, W, C] (winner, loser), context [B, T, D]."""
+  """A batch of B=len(pair_ids) pairs: latents [B, 2, H, W, C] (winner, loser), context
+  [B, T, D]."""
   winners, losers, contexts = [], [], []
   for pair_id in pair_ids:
     rng = np.random.default_rng([seed, int(pair_id)])

@@ -85,7 +85,8 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     with jax.default_device(jax.devices("cpu")[0]):
       return {k: np.asarray(v) for k, v in safetensors.flax.load_file(path).items()}
   except safetensors.SafetensorError as error:
-    raise UserError(f"cannot read {path} ({error}); the file is corrupt, download it again") from None
+    raise UserError(f"cannot read {path} ({error}); the file is corrupt, download it "
+                    "again") from None
 
 
 def read_state_dict(folder: str, weights_name: str = DIFFUSERS_WEIGHTS,
@@ -113,7 +114,8 @@ def read_config(folder: str, filename: str = "config.json") -> dict:
 def _save(tensors: dict[str, np.ndarray], path: str) -> None:
   metadata = {"format": "pt"}  # What PyTorch loaders expect to find.
   if any(v.dtype.name == "bfloat16" for v in tensors.values()):
-    safetensors.flax.save_file({k: jax.numpy.asarray(v) for k, v in tensors.items()}, path, metadata)
+    safetensors.flax.save_file({k: jax.numpy.asarray(v) for k, v in tensors.items()}, path,
+                               metadata)
   else:
     safetensors.numpy.save_file(tensors, path, metadata)
 

@@ -8,8 +8,10 @@ from dpo_jax.models.unet import UNet2DConditionModel, init_abstract
 from dpo_jax.models.unet_config import UNetConfig
 
 
-def build_unet(config: dict, *, where: str = "unet config", **model_options) -> UNet2DConditionModel:
-  """The model for a diffusers config dict; `model_options` are dtype, remat, attention_implementation."""
+def build_unet(config: dict, *, where: str = "unet config",
+               **model_options) -> UNet2DConditionModel:
+  """The model for a diffusers config dict; `model_options` are dtype, remat and
+  attention_implementation."""
   return UNet2DConditionModel(UNetConfig.from_diffusers(config, where), **model_options)
 
 

@@ -85,7 +85,8 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], abstract_params, *, wh
   unexpected = sorted(k for k in state if k not in used and not k.startswith(ignore_unexpected))
   if unexpected:
     raise UserError(f"{what}: {len(unexpected)} weights are not used by the model built from "
-                    f"config.json (first: '{unexpected[0]}'); the config does not match the weights")
+                    f"config.json (first: '{unexpected[0]}'); the config does not match the "
+                    "weights")
   return params
 
 
