@@ -1,5 +1,6 @@
-"""What the config-driven commands (main, prepare) share: the --config flag with its
---config.SECTION.KEY overrides, and every user mistake as one line with exit status 2.
+"""What the commands (main, prepare, export) share: every user mistake as one line with exit
+status 2, and for the config-driven ones the --config flag with its --config.SECTION.KEY
+overrides.
 
 Flags are defined when a command runs, not when its module is imported, because
 config_flags applies the overrides in sys.argv at definition time.

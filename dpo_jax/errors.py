@@ -1,7 +1,7 @@
 """The one exception type that means "the user gave us something we cannot use".
 
-`dpo_jax.main` and `dpo_jax.export` turn it into one line on stderr and exit status 2, so
-every message must name the problem and the fix in a single sentence.
+Every command (`cli.run`: main, prepare, export) turns it into one line on stderr and exit
+status 2, so every message must name the problem and the fix in a single sentence.
 """
 
 

@@ -4,16 +4,11 @@ Writes a run's tuned UNet as diffusers files: the whole pipeline (the tuned UNet
 untouched components of `model.pretrained`) when the run started from one, else OUT/unet/.
 """
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from dpo_jax import cli
 from dpo_jax.errors import UserError
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's --workdir.")
-_OUTPUT = flags.DEFINE_string("output", None, "The diffusers folder to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output.")
 
 
 def export(workdir: str, output: str, step: int | None = None, overwrite: bool = False) -> int:
@@ -50,19 +45,24 @@ def export(workdir: str, output: str, step: int | None = None, overwrite: bool =
   return step
 
 
-def main(argv) -> None:
-  logging.set_verbosity(logging.ERROR)  # orbax narrates partial restores at WARNING.
-  try:
+def run() -> None:
+  workdir = flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  output = flags.DEFINE_string("output", None, "The diffusers folder to write.")
+  step = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+  overwrite = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output.")
+
+  def command(argv):
     if len(argv) > 1:
-      raise UserError(f"unexpected argument {argv[1]!r}; options: --workdir, --output, --step")
-    if not _WORKDIR.value or not _OUTPUT.value:
+      raise UserError(f"unexpected argument {argv[1]!r}; options: --workdir, --output, --step, "
+                      "--overwrite")
+    if not workdir.value or not output.value:
       raise UserError("--workdir and --output are both required")
-    step = export(_WORKDIR.value, _OUTPUT.value, _STEP.value, _OVERWRITE.value)
-    print(f"exported step {step} of {_WORKDIR.value} to {_OUTPUT.value}")
-  except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    logging.set_verbosity(logging.ERROR)  # orbax narrates partial restores at WARNING.
+    exported = export(workdir.value, output.value, step.value, overwrite.value)
+    print(f"exported step {exported} of {workdir.value} to {output.value}")
+
+  cli.run(command)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -162,3 +162,23 @@ def test_readme_names_only_config_keys_that_exist():
   assert len(cited) > 40
   missing = sorted(key for key in cited if key.split(".")[1] not in config[key.split(".")[0]])
   assert not missing, missing
+
+
+def test_architecture_doc_names_only_modules_that_exist():
+  import re
+  with open(os.path.join(REPO, "docs", "architecture.md")) as f:
+    text = f.read()
+  paths = set(re.findall(r"((?:dpo_jax|configs|launch)/[\w/]*(?:\.py)?)", text))
+  named = set(re.findall(r"(?:models|data)/\w+\.py", text))
+  assert len(paths) > 20
+  missing = sorted(p for p in paths | {f"dpo_jax/{p}" for p in named}
+                   if not os.path.exists(os.path.join(REPO, p.rstrip("/"))))
+  assert not missing, missing
+  from dpo_jax import default_config
+  config = default_config.get_config()
+  for module, name in re.findall(r"`(\w+)\.(\w+)`", text):  # A function, or a config key.
+    path = os.path.join(REPO, "dpo_jax", f"{module}.py")
+    if module in config and name in config[module]:
+      continue
+    with open(path) as f:
+      assert f"def {name}" in f.read(), f"{module}.{name}"

@@ -25,7 +25,7 @@ PAIRS = 3  # Odd, so implicit accuracy ≠ ½ and a winner/loser swap shows in i
 def _official_dpo_loss(unet, ref_unet, noisy_latents, timesteps, encoder_hidden_states, target,
                        beta):
   """train.py's `args.train_method == 'dpo'` branch, line for line (plus the reward margin,
-  which DESIGN defines as mean(inside)/β·2)."""
+  which the README defines as mean(inside)/β·2)."""
   model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
   model_losses = (model_pred - target).pow(2).mean(dim=[1, 2, 3])
   model_losses_w, model_losses_l = model_losses.chunk(2)

@@ -92,3 +92,8 @@ def test_cli_run_then_export_loads_in_diffusers_and_zero_lr_changes_nothing(file
   missing = _run("dpo_jax.export", f"--workdir={workdir}", f"--output={output}", "--step=7")
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines()[-1].startswith("error: no checkpoint of step 7")
+  for args, words in (((f"--workdir={workdir}",), "--output are both required"),
+                      ((f"--workdir={workdir}", "--bogus=1"), "bogus")):
+    mistake = _run("dpo_jax.export", *args)
+    lines = mistake.stderr.strip().splitlines()
+    assert mistake.returncode == 2 and len(lines) == 1 and words in lines[0], mistake.stderr
