@@ -24,7 +24,7 @@ class Killed(Exception):
   pass
 
 
-def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypatch, capsys):
   one_device = jax.devices()[:1]
   uninterrupted = train.train(_config(), str(tmp_path / "a"), one_device)
 
@@ -45,7 +45,9 @@ def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypa
   with pytest.raises(Killed):
     train.train(_config(), str(tmp_path / "b"), one_device)
   monkeypatch.setattr(synthetic, "synthetic_pairs", real_pairs)
+  capsys.readouterr()
   resumed = train.train(_config(), str(tmp_path / "b"), one_device)
+  assert f"resumed from step 3 in {tmp_path / 'b'}" in capsys.readouterr().out
 
   assert int(resumed.step) == int(uninterrupted.step) == 6
   for a, b in zip(jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(resumed)):

@@ -1,4 +1,6 @@
 """The same steps on one device and on a 2 x 4 (data x fsdp) mesh of 8 give the same model."""
+import json
+
 import jax
 import numpy as np
 
@@ -9,7 +11,7 @@ def _config(data: int, fsdp: int):
   config = default_config.get_config()
   config.train.steps = 4
   config.train.batch_pairs = 8
-  config.train.log_every = 4
+  config.train.log_every = 1
   config.data.resolution = 32
   config.mesh.data, config.mesh.fsdp = data, fsdp
   config.mesh.min_shard_size = 2**10  # So that the tiny UNet's kernels really are sharded.
@@ -27,6 +29,15 @@ def test_one_device_and_eight_devices_train_the_same_params(tmp_path):
                   jax.tree_util.tree_leaves(sharded.params)):
     # Gradient sums are reduced in another order across devices: float32 rounding only.
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  # AdamW hides a gradient's scale from the weights (a gradient 8x too large moves them
+  # alike); the logged gradient norm and loss of every step do not.
+  logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+          for run in ("one", "eight")]
+  assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+  for one, eight in zip(*logs):
+    np.testing.assert_allclose(eight["grad_norm"], one["grad_norm"], rtol=1e-3)
+    # β/2 = 2500 multiplies the float32 rounding of the errors into the loss.
+    np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-3, atol=1e-6)
   moved = np.abs(np.asarray(single.params["conv_in"]["kernel"])
                  - np.asarray(single.reference_params["conv_in"]["kernel"])).max()
   assert moved > 1e-7  # The policy did move, so agreeing after 4 steps means something.

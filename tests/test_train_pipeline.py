@@ -6,11 +6,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 import tiny_data
 import tiny_models
-from dpo_jax import train
+from dpo_jax import export, train
 from dpo_jax.models import weights
 from dpo_jax.train_step import make_eval_step, make_pair_loss
 
@@ -63,6 +63,12 @@ def test_learns_a_preference_that_generalises_and_never_touches_the_reference(fi
     np.testing.assert_array_equal(value, weights.params_to_state_dict(models.initial_params)[key])
   assert not np.array_equal(state.params["conv_in"]["kernel"],
                             models.initial_params["conv_in"]["kernel"])
+
+  # The export is the trained policy of the newest step, not the reference.
+  assert export.export(str(tmp_path), str(tmp_path / "exported")) == 60
+  exported = UNet2DConditionModel.from_pretrained(tmp_path / "exported" / "unet").state_dict()
+  for key, value in weights.params_to_state_dict(state.params).items():
+    np.testing.assert_array_equal(exported[key].numpy(), value, err_msg=key)
 
 
 def _run(module, *args):
