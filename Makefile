@@ -8,7 +8,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-.PHONY: install install-test demo lint test
+.PHONY: install install-test demo lint test test-fast
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
@@ -27,3 +27,7 @@ lint: install-test
 # processes keep both busy.
 test: lint
 	$(BIN)/python -m pytest -n 2
+
+# The edit-test loop: everything but the tests that train or start processes.
+test-fast: install-test
+	$(BIN)/python -m pytest -n 2 -m "not slow"

@@ -132,6 +132,7 @@ def _local_multiprocess(workdir, *args):
       env=_subprocess_env(XLA_FLAGS="--xla_backend_optimization_level=0"))
 
 
+@pytest.mark.slow
 def test_local_multiprocess_trains_with_two_processes(tmp_path):
   result = _local_multiprocess(tmp_path, "--config.train.steps=2", "--config.data.resolution=32",
                                "--config.train.batch_pairs=2")
@@ -142,6 +143,7 @@ def test_local_multiprocess_trains_with_two_processes(tmp_path):
   assert (tmp_path / "checkpoints").is_dir()
 
 
+@pytest.mark.slow
 def test_local_multiprocess_fails_when_a_process_fails(tmp_path):
   result = _local_multiprocess(tmp_path, "--config.dpo.beta=0")
   assert result.returncode != 0

@@ -225,6 +225,7 @@ def test_validation_prompts_are_read_unique_in_order(tmp_path):
     pickapic.read_captions(str(tmp_path / "no_caption.parquet"))
 
 
+@pytest.mark.slow
 def test_a_run_past_max_bad_fraction_stops_saved_and_resumes(tmp_path, monkeypatch):
   monkeypatch.setattr(skips, "MIN_PAIRS_JUDGED", 0)
   tiny_models.make_pipeline("sd").save_pretrained(tmp_path / "pipeline")

@@ -2,6 +2,7 @@
 import json
 
 import jax
+import pytest
 import numpy as np
 
 from dpo_jax import default_config, train
@@ -21,6 +22,7 @@ def _run(tmp_path, grad_accum: int):
   return state, metrics
 
 
+@pytest.mark.slow
 def test_accumulated_steps_equal_the_full_batch_step(tmp_path):
   whole, whole_metrics = _run(tmp_path, 1)
   accumulated, accumulated_metrics = _run(tmp_path, 4)

@@ -143,6 +143,7 @@ def _run(module, *args):
                         timeout=600, env=env, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_prepare_then_train_from_the_cache(sd_files, tmp_path):
   folder = sd_files
   pipeline = f"--config.model.pretrained={folder / 'pipeline'}"
@@ -166,6 +167,7 @@ def test_cli_prepare_then_train_from_the_cache(sd_files, tmp_path):
       f"error: data.cache_dir={cache} holds 32px pairs, data.resolution is 64")
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_one_cache_each_its_share(sd_files, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(MODULE="dpo_jax.prepare", PYTHON=sys.executable, PYTHONPATH=REPO)

@@ -23,6 +23,7 @@ def _main(*args, workdir=None, devices=1):
                         env=dict(env, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
 def test_demo_trains_and_logs_metrics(tmp_path):
   result = _main(*SMALL, workdir=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]

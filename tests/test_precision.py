@@ -95,6 +95,7 @@ def files(tmp_path_factory):
   return folder
 
 
+@pytest.mark.slow
 def test_sd15_recipe_step_1_is_ln2_with_every_pair_a_tie(files, tmp_path):
   """configs/sd15.py as it is (bfloat16 compute, bfloat16 reference) on a tiny pipeline at
   32 px: at step 1 policy and reference are equal, so every pair's inside term is 0 exactly:

@@ -24,6 +24,7 @@ class Killed(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypatch, capsys):
   one_device = jax.devices()[:1]
   uninterrupted = train.train(_config(), str(tmp_path / "a"), one_device)
@@ -59,6 +60,7 @@ def test_killed_run_resumes_to_the_same_params_and_data_order(tmp_path, monkeypa
   assert logged("a") == logged("b")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused_with_its_path(tmp_path):
   config = _config()
   config.train.steps = 1

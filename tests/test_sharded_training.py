@@ -2,6 +2,7 @@
 import json
 
 import jax
+import pytest
 import numpy as np
 
 from dpo_jax import default_config, train
@@ -18,6 +19,7 @@ def _config(data: int, fsdp: int):
   return config
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_train_the_same_params(tmp_path):
   single = train.train(_config(1, 1), str(tmp_path / "one"), jax.devices()[:1])
   sharded = train.train(_config(2, 4), str(tmp_path / "eight"), jax.devices()[:8])

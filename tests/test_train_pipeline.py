@@ -39,6 +39,7 @@ def _tiny_config(files, **train_overrides):
   return config
 
 
+@pytest.mark.slow
 def test_learns_a_preference_that_generalises_and_never_touches_the_reference(files, tmp_path):
   config = _tiny_config(files, steps=60, batch_pairs=8, log_every=20, ckpt_every=1000)
   config.optim.peak_lr = 2e-6
@@ -77,6 +78,7 @@ def _run(module, *args):
                         timeout=600, env=env, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_run_then_export_loads_in_diffusers_and_zero_lr_changes_nothing(files, tmp_path):
   workdir, output = tmp_path / "run", tmp_path / "exported"
   result = _run("dpo_jax.main", f"--config={TINY_CONFIG}", f"--workdir={workdir}",

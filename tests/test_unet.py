@@ -82,6 +82,7 @@ def test_bfloat16_compute_stays_close(saved_unet):
   assert np.abs(actual - expected).mean() <= 0.01 * scale
 
 
+@pytest.mark.slow
 def test_remat_changes_nothing_but_memory(tmp_path):
   config = tiny_models.SD21_UNET  # The cheapest to differentiate twice.
   tiny_models.make_unet(config).save_pretrained(tmp_path)
