@@ -13,12 +13,12 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import tiny_models
 from dpo_jax import parallel
 from dpo_jax.errors import UserError
 from dpo_jax.models import unet_io
 from dpo_jax.models.unet import init_abstract
 from dpo_jax.train_step import TrainState
-from tests import tiny_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
