@@ -187,38 +187,75 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     state, data_state = checkpointer.restore(start, state)
     data.set_state(_this_hosts_data_state(data_state, workdir))
     print(f"resumed from step {start} in {workdir}", flush=True)
-  log = MetricsLog(workdir, config.train.steps)
+  run = _Run(config, step_fn, step_input, data, checkpointer,
+             MetricsLog(workdir, config.train.steps))
   try:
-    state = _run_steps(config, start, state, step_fn, step_input, data, checkpointer, log)
+    state = _run_steps(run, start, state)
   finally:
     checkpointer.wait()
     checkpointer.close()
-    log.close()
+    run.log.close()
   return state
 
 
-def _run_steps(config, start: int, state, step_fn, step_input, data,
-               checkpointer: Checkpointer, log: MetricsLog):
-  """Steps start + 1 .. train.steps: log, save, and stop on too much bad data."""
-  lr_at = optim.learning_rate_schedule(config)
-  last = config.train.steps
+# ---------------------------------------------------------------------------------------------
+# The loop. Each concern of a step is one function below; a new one (evaluation every N
+# steps, a NaN policy, a preemption signal) is one more call in `_run_steps`.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the loop needs, built once by `train`."""
+  config: ml_collections.ConfigDict
+  step_fn: Any  # (state, global batch) -> (state, metrics), jitted.
+  step_input: Any  # Host batch -> the global (encoded) batch the step takes.
+  data: Any  # This host's batch iterator (`loader.PairBatches` or synthetic).
+  checkpointer: Checkpointer
+  log: MetricsLog
+
+
+def _run_steps(run: _Run, start: int, state):
+  """Steps start + 1 .. train.steps: step, log, save; stop, saved, on too much bad data."""
+  last = run.config.train.steps
   for step in range(start + 1, last + 1):
-    state, metrics = step_fn(state, step_input(next(data)))
-    too_bad = None
-    if step % config.train.log_every == 0 or step in (1, last):
-      counts = skips.sum_counts(parallel.gather_from_hosts(data.counts))
-      log.write(step, {**jax.device_get(metrics), **skips.to_metrics(counts)},
-                lr=float(lr_at(step - 1)), pairs=config.train.batch_pairs)
-      too_bad = skips.too_many_bad(counts, config.data.max_bad_fraction, f"step {step}")
-    if too_bad or step == last or checkpointer.due(step):
-      # Every host's data position, as each reads its own share.
-      data_state = {"hosts": parallel.gather_from_hosts(data.get_state())}
-      checkpointer.save(step, state, data_state, config.to_dict(),
-                        force=bool(too_bad) or step == last)
+    state, metrics = run.step_fn(state, run.step_input(next(run.data)))
+    too_bad = _log(run, step, metrics) if _is_log_step(run.config, step) else None
+    if too_bad or step == last or run.checkpointer.due(step):
+      _save(run, step, state, force=bool(too_bad) or step == last)
     if too_bad:
       raise UserError(f"{too_bad}. Step {step} is saved: the same command resumes from it")
-  counts = skips.sum_counts(parallel.gather_from_hosts(data.counts))
-  log.print(f"data: {skips.describe(counts)}")
-  if any(data.skipped_at_start.values()):
-    log.print(f"data files, while indexing: {skips.describe(data.skipped_at_start)}")
+  _report_data(run)
   return state
+
+
+def _is_log_step(config: ml_collections.ConfigDict, step: int) -> bool:
+  return step % config.train.log_every == 0 or step in (1, config.train.steps)
+
+
+def _data_counts(run: _Run) -> dict[str, int]:
+  """Kept and skipped pairs so far, summed over the hosts (a collective: every host calls
+  it at the same steps)."""
+  return skips.sum_counts(parallel.gather_from_hosts(run.data.counts))
+
+
+def _log(run: _Run, step: int, metrics) -> str | None:
+  """Writes the step's metrics and the data counts; returns why the run must stop for bad
+  data (`data.max_bad_fraction`), or None."""
+  counts = _data_counts(run)
+  lr = float(optim.learning_rate_schedule(run.config)(step - 1))
+  run.log.write(step, {**jax.device_get(metrics), **skips.to_metrics(counts)}, lr=lr,
+                pairs=run.config.train.batch_pairs)
+  return skips.too_many_bad(counts, run.config.data.max_bad_fraction, f"step {step}")
+
+
+def _save(run: _Run, step: int, state, *, force: bool) -> None:
+  """The state, every host's data position (each reads its own share) and the config."""
+  data_state = {"hosts": parallel.gather_from_hosts(run.data.get_state())}
+  run.checkpointer.save(step, state, data_state, run.config.to_dict(), force=force)
+
+
+def _report_data(run: _Run) -> None:
+  run.log.print(f"data: {skips.describe(_data_counts(run))}")
+  if any(run.data.skipped_at_start.values()):
+    run.log.print(f"data files, while indexing: {skips.describe(run.data.skipped_at_start)}")
