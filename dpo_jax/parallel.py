@@ -110,17 +110,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def check_batch(global_batch_pairs: int, mesh: Mesh) -> None:
-  """UserError unless every device gets the same whole number of pairs."""
-  devices = mesh.size
-  if global_batch_pairs % devices == 0:
+def check_batch(global_batch_pairs: int, mesh: Mesh, grad_accum: int = 1) -> None:
+  """UserError unless every device gets the same whole number of pairs in each of the
+  `grad_accum` microbatches (and so every host, which drives as many devices as the
+  others, an equal share): the one place this rule is checked for a run."""
+  unit = grad_accum * mesh.size
+  if global_batch_pairs % unit == 0:
     return
-  lower = global_batch_pairs // devices * devices
-  valid = [n for n in (lower, lower + devices) if n > 0]
-  raise UserError(f"train.batch_pairs={global_batch_pairs} is not divisible by the "
-                  f"{devices} devices of the mesh (mesh.data={mesh.shape['data']} x "
-                  f"mesh.fsdp={mesh.shape['fsdp']}); set --config.train.batch_pairs to "
-                  f"{' or '.join(map(str, valid))}")
+  lower = global_batch_pairs // unit * unit
+  valid = [n for n in (lower, lower + unit) if n > 0]
+  accumulation = f"train.grad_accum={grad_accum} x " if grad_accum > 1 else ""
+  raise UserError(f"train.batch_pairs={global_batch_pairs} is not divisible by "
+                  f"{accumulation}the {mesh.size} devices of the mesh "
+                  f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}); set "
+                  f"--config.train.batch_pairs to {' or '.join(map(str, valid))}")
 
 
 def host_slice(global_batch_pairs: int) -> slice:

@@ -142,11 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  parallel.check_batch(config.train.batch_pairs, mesh)
-  if config.train.batch_pairs % (config.train.grad_accum * mesh.size):
-    raise UserError(f"train.batch_pairs={config.train.batch_pairs} must be a multiple of "
-                    f"train.grad_accum x devices = {config.train.grad_accum} x {mesh.size}; "
-                    "change one of them")
+  parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
   models = load_models(config)
   optimizer = optim.make_optimizer(config)
   shardings = lambda tree: parallel.state_shardings(tree, mesh, config.mesh.min_shard_size)

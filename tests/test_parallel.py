@@ -157,6 +157,14 @@ def test_check_batch_error(batch_pairs, suggestion):
 
 def test_check_batch_accepts_multiples():
   parallel.check_batch(24, parallel.make_mesh(2, 4))
+  parallel.check_batch(32, parallel.make_mesh(2, 4), grad_accum=4)
+
+
+def test_check_batch_counts_the_microbatches():
+  with pytest.raises(UserError) as error:
+    parallel.check_batch(24, parallel.make_mesh(2, 4), grad_accum=4)
+  message = str(error.value)
+  assert "train.grad_accum=4" in message and "to 32" in message and "\n" not in message
 
 
 def _config(**distributed):
