@@ -4,13 +4,12 @@ import glob
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import subprocesses
 from dpo_jax import config_checks, optim
 from dpo_jax.errors import UserError
 
@@ -27,12 +26,6 @@ def _load(name_or_path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def _subprocess_env(**extra):
-  # One plain CPU device per process, as a user's machine (conftest gives pytest 8 fake ones).
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return dict(env, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHON=sys.executable, **extra)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -114,10 +107,9 @@ def test_cli_without_train_files_exits_2_before_loading_anything(tmp_path):
   workdir = tmp_path / "run"
   # A pretrained path that does not exist: had the models been loaded first, the error would
   # name it instead; and train() creates the workdir first thing, so it must not exist.
-  result = subprocess.run(
-      [sys.executable, "-m", "dpo_jax.main", "--config=configs/sd15.py", f"--workdir={workdir}",
-       "--config.model.pretrained=/nonexistent/pipeline"],
-      capture_output=True, text=True, timeout=120, cwd=REPO, env=_subprocess_env())
+  result = subprocesses.run_module("dpo_jax.main", "--config=configs/sd15.py",
+                                   f"--workdir={workdir}",
+                                   "--config.model.pretrained=/nonexistent/pipeline", timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "data.train_files" in lines[0], result.stderr[-2000:]
@@ -126,10 +118,9 @@ def test_cli_without_train_files_exits_2_before_loading_anything(tmp_path):
 
 def _local_multiprocess(workdir, *args):
   # Unoptimised XLA code halves the compile time that dominates a two-step CPU run.
-  return subprocess.run(
+  return subprocesses.run(
       ["bash", "launch/local_multiprocess.sh", "2", "configs/demo.py", str(workdir), *args],
-      capture_output=True, text=True, timeout=300, cwd=REPO,
-      env=_subprocess_env(XLA_FLAGS="--xla_backend_optimization_level=0"))
+      timeout=300, XLA_FLAGS="--xla_backend_optimization_level=0")
 
 
 @pytest.mark.slow

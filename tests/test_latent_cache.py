@@ -2,13 +2,13 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
+import subprocesses
 import tiny_data
 import tiny_models
 from dpo_jax import parallel, prepare as prepare_lib, train
@@ -137,10 +137,7 @@ def test_hosts_write_contiguous_shares_in_pair_order(sd_files, tmp_path):
     prepare_lib.prepare(config, output, process_index=0, process_count=2)
 
 
-def _run(module, *args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        timeout=600, env=env, cwd=REPO)
+_run = subprocesses.run_module
 
 
 @pytest.mark.slow
@@ -169,13 +166,11 @@ def test_cli_prepare_then_train_from_the_cache(sd_files, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_prepare_one_cache_each_its_share(sd_files, tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(MODULE="dpo_jax.prepare", PYTHON=sys.executable, PYTHONPATH=REPO)
-  result = subprocess.run(
+  result = subprocesses.run(
       ["bash", "launch/local_multiprocess.sh", "2", TINY_CONFIG, str(tmp_path / "cache"),
        f"--config.model.pretrained={sd_files / 'pipeline'}",
        f"--config.data.train_files={sd_files / 'train.parquet'}"],
-      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+      timeout=300, MODULE="dpo_jax.prepare")
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / "cache")) == [
       "cache.json", "empty_prompt.safetensors", "pairs-00000-of-00002.array_record",

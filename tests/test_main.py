@@ -1,26 +1,18 @@
 """The command line end to end: the embedded demo trains, and user mistakes exit 2 in one line."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+
+import subprocesses
 
 SMALL = ["--config.train.steps=6", "--config.train.log_every=3", "--config.data.resolution=32",
          "--config.train.batch_pairs=4"]
 
 
 def _main(*args, workdir=None, devices=1):
-  command = [sys.executable, "-m", "dpo_jax.main", *args]
-  if workdir is not None:
-    command.append(f"--workdir={workdir}")
-  # One CPU device unless asked, as on a newcomer's machine (conftest gives this process 8).
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return subprocess.run(command, capture_output=True, text=True, timeout=600,
-                        env=dict(env, JAX_PLATFORMS="cpu"))
+  workdir_flag = [f"--workdir={workdir}"] if workdir is not None else []
+  return subprocesses.run_module("dpo_jax.main", *args, *workdir_flag, devices=devices)
 
 
 @pytest.mark.slow

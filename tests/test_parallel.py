@@ -13,6 +13,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import subprocesses
 import tiny_models
 from dpo_jax import parallel
 from dpo_jax.errors import UserError
@@ -224,8 +225,7 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
     port = s.getsockname()[1]
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = subprocesses.cpu_env(devices=2)
   workers = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

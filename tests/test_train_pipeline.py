@@ -1,6 +1,5 @@
 """End to end on a tiny diffusers pipeline and Pick-a-Pic parquet: learning, CLI, export."""
 import os
-import subprocess
 import sys
 
 import jax
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+import subprocesses
 import tiny_data
 import tiny_models
 from dpo_jax import export, train
@@ -72,10 +72,7 @@ def test_learns_a_preference_that_generalises_and_never_touches_the_reference(fi
     np.testing.assert_array_equal(exported[key].numpy(), value, err_msg=key)
 
 
-def _run(module, *args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        timeout=600, env=env, cwd=REPO)
+_run = subprocesses.run_module
 
 
 @pytest.mark.slow
