@@ -1,8 +1,6 @@
 """Odd and bad input in Pick-a-Pic parquet: converted or skipped, and counted exactly."""
 import io
 import json
-import os
-import sys
 
 import grain.python as grain
 import jax
@@ -13,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import tiny_config
 import tiny_models
 from dpo_jax import train
 from dpo_jax.checkpoint import Checkpointer
@@ -238,9 +237,7 @@ def test_a_run_past_max_bad_fraction_stops_saved_and_resumes(tmp_path, monkeypat
     lines.append(json.dumps({"prompt": f"pair {i}", "chosen": f"images/{i}-chosen.png",
                              "rejected": f"images/{i}-rejected.png"}))
   (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-  import tiny  # configs/tiny.py
-  config = tiny.get_config()
+  config = tiny_config.get_config()
   config.model.pretrained = str(tmp_path / "pipeline")
   config.data.update(dict(format="jsonl", train_files=str(tmp_path / "pairs.jsonl"),
                           max_bad_fraction=0.5))

@@ -2,13 +2,13 @@
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 import subprocesses
+import tiny_config
 import tiny_data
 import tiny_models
 from dpo_jax import parallel, prepare as prepare_lib, train
@@ -17,7 +17,7 @@ from dpo_jax.errors import UserError
 from dpo_jax.train_step import encode_function, make_pair_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+TINY_CONFIG = os.path.join(REPO, "tests", "tiny_config.py")
 PAIRS = 12
 
 
@@ -38,9 +38,7 @@ def sd_files(tmp_path_factory):
 
 
 def _config(folder, **data):
-  sys.path.insert(0, os.path.dirname(TINY_CONFIG))
-  import tiny  # configs/tiny.py
-  config = tiny.get_config()
+  config = tiny_config.get_config()
   config.model.pretrained = str(folder / "pipeline")
   config.data.train_files = str(folder / "train.parquet")
   # Random crops and flips, dropout and real SDXL time ids: all must survive the cache.

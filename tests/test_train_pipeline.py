@@ -1,6 +1,5 @@
 """End to end on a tiny diffusers pipeline and Pick-a-Pic parquet: learning, CLI, export."""
 import os
-import sys
 
 import jax
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 import subprocesses
+import tiny_config
 import tiny_data
 import tiny_models
 from dpo_jax import export, train
@@ -15,7 +15,7 @@ from dpo_jax.models import weights
 from dpo_jax.train_step import make_eval_step, make_pair_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+TINY_CONFIG = os.path.join(REPO, "tests", "tiny_config.py")
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,7 @@ def files(tmp_path_factory):
 
 
 def _tiny_config(files, **train_overrides):
-  sys.path.insert(0, os.path.dirname(TINY_CONFIG))
-  import tiny  # configs/tiny.py
-  config = tiny.get_config()
+  config = tiny_config.get_config()
   config.model.pretrained = str(files / "pipeline")
   config.data.train_files = str(files / "train.parquet")
   for key, value in train_overrides.items():

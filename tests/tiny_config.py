@@ -1,7 +1,8 @@
-"""A tiny end-to-end run for tests and smoke checks: a small diffusers pipeline, Pick-a-Pic
-parquet, 32 px. Give the pipeline and the data on the command line:
+"""The tests' tiny end-to-end run: a small diffusers pipeline, Pick-a-Pic parquet, 32 px.
+Tests import it (`tiny_config.get_config()`) or pass its path to the commands, with the
+pipeline and the data on the command line:
 
-  python -m dpo_jax.main --config configs/tiny.py --workdir W \
+  python -m dpo_jax.main --config tests/tiny_config.py --workdir W \
       --config.model.pretrained=PIPELINE --config.data.train_files='DATA/*.parquet'
 """
 from dpo_jax import default_config
