@@ -26,7 +26,7 @@ class FactoredRmsState(NamedTuple):
 
 def torch_row_col_axes(path, ndim: int) -> tuple[int, int]:
   """The Flax axes of the PyTorch rows (dim -2) and columns (dim -1) of the leaf at `path`."""
-  perm = weights.torch_permutation(str(getattr(path[-1], "key", path[-1])), ndim)
+  perm = weights.torch_permutation(weights.path_names(path)[-1], ndim)
   return perm[-2], perm[-1]
 
 

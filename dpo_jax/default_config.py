@@ -125,7 +125,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dpo.loss = "dpo"  # 'dpo' | 'sft'
   # 'shared': policy and reference run through one compiled UNet body, so at step 1 their
   # errors are equal bit for bit in any dtype (the loss is exactly ln 2); the reference's
-  # activations are then held until the backward pass (small under model.remat).
+  # activations and a stacked copy of both param sets are then held until the backward pass
+  # (SD1.5, 1 pair, 32x32 latents, remat: 12.0 GB of XLA temporaries against 6.7 GB).
   # 'separate': two programs, without that memory, whose bfloat16 roundings can differ.
   config.dpo.reference_pass = "shared"
 

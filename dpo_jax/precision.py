@@ -10,20 +10,17 @@ function runs on them: the two passes are then the same computation on equal inp
 import jax
 import jax.numpy as jnp
 
-
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(key, "key", key)) for key in path)
+from dpo_jax.models import weights
 
 
 def rounded_by_compute(params):
   """A bool per leaf: True for the params of layers that hold a 'kernel' (Dense, Conv, whose
   kernel and bias Flax casts to the compute dtype), False for the rest (normalisation scales
   and biases, used in float32)."""
-  with_kernel = {names[:-1] for names in map(
-      _path_names, (path for path, _ in jax.tree_util.tree_leaves_with_path(params)))
-                 if names[-1] == "kernel"}
+  paths = [weights.path_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  with_kernel = {names[:-1] for names in paths if names[-1] == "kernel"}
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: _path_names(path)[:-1] in with_kernel, params)
+      lambda path, _: weights.path_names(path)[:-1] in with_kernel, params)
 
 
 def leaf_dtypes(params, rounded_dtype):

@@ -102,7 +102,7 @@ def _added_conditions(encoders: Encoders, batch, pooled, resolution: tuple[int, 
           "time_ids": time_ids}
 
 
-def _from_cache(encoders: Encoders, batch, keys, images: int):
+def _from_encoded(encoders: Encoders, batch, keys, images: int):
   """An encoded batch (the latent cache's, or `make_encode_step`'s): moments and embeddings
   -> latents [B, images, h, w, C] (posterior samples), context and added conditions."""
   moments = (batch[name][:, :images] for name in ("latent_mean", "latent_logvar"))
@@ -137,7 +137,7 @@ def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
     epochs = batch.get("epochs", jnp.zeros_like(batch["pair_ids"]))
     keys = pair_keys(seed, epochs, batch["pair_ids"])
     if "latent_mean" in batch:
-      latents, context, added = _from_cache(encoders, batch, keys, images)
+      latents, context, added = _from_encoded(encoders, batch, keys, images)
     else:
       latents, context, added = batch["latents"][:, :images], batch["context"], {}
     # [B, k, ...] -> [kB, ...] interleaves w0, l0, w1, l1 without moving data between devices.

@@ -43,7 +43,8 @@ def _to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:
   return np.transpose(array, np.argsort(torch_permutation(leaf, array.ndim)))
 
 
-def _path_names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+  """A jax key path as the names it holds (dict keys), e.g. ('conv_in', 'kernel')."""
   return tuple(str(getattr(p, "key", p)) for p in path)
 
 
@@ -51,7 +52,7 @@ def params_to_state_dict(params) -> dict[str, np.ndarray]:
   """Flattens a Flax params pytree into a PyTorch-layout state_dict of numpy arrays."""
   state = {}
   for path, value in jax.tree_util.tree_leaves_with_path(params):
-    names = _path_names(path)
+    names = path_names(path)
     state[torch_key(names)] = np.ascontiguousarray(_to_torch_layout(names[-1], np.asarray(value)))
   return state
 
@@ -68,7 +69,7 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], abstract_params, *, wh
   used = set()
 
   def load(path, abstract):
-    names = _path_names(path)
+    names = path_names(path)
     key = torch_key(names)
     if key not in state:
       raise UserError(f"{what}: weight '{key}' is missing; the config.json does not match "
