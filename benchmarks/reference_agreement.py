@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpo_jax import diffusion, loss as losses, precision, train
+from dpo_jax import diffusion, loss as losses, precision
 from dpo_jax.models import unet_io, unet_presets
 from dpo_jax.models.unet import init_params
 from dpo_jax.train_step import make_pair_errors
@@ -47,7 +47,7 @@ def inside_terms(name: str, pairs: int, batches: int, size: int, beta: float, se
   unet = unet_io.build_unet(preset, dtype=jnp.bfloat16, remat=remat)
   params = init_params(unet, jax.random.key(seed))
   reference = precision.reference_params(params, "bfloat16")
-  schedule = diffusion.NoiseSchedule.from_scheduler_config(train.DEFAULT_SCHEDULER)
+  schedule = diffusion.NoiseSchedule.from_scheduler_config(diffusion.DEFAULT_SCHEDULER)
   results = {}
   for reference_pass in ("shared", "separate"):
     pair_errors = make_pair_errors(unet, schedule, seed=seed, compute_dtype=jnp.bfloat16,

@@ -18,6 +18,9 @@ from dpo_jax.errors import UserError
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The SD 1.x/2.x (and SDXL) training schedule, for random-init runs; a pipeline brings its own.
+DEFAULT_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                     "num_train_timesteps": 1000, "prediction_type": "epsilon"}
 
 
 def _cumprod(x: np.ndarray) -> np.ndarray:

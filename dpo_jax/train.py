@@ -17,11 +17,6 @@ from dpo_jax.models.unet import init_params
 from dpo_jax.train_step import (Encoders, NoiseOptions, TrainState, make_encode_step,
                                 make_pair_loss, make_train_step)
 
-# The SD1.x/2.x training schedule, for random-init runs; a pipeline brings its own.
-DEFAULT_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                     "num_train_timesteps": 1000, "prediction_type": "epsilon"}
-
-
 @dataclasses.dataclass(frozen=True)
 class Models:
   """Everything the run needs from `model.*`: the UNet, its starting params, the noise
@@ -34,8 +29,9 @@ class Models:
   tokenizers: tuple = ()
 
 
-def _noise_schedule(scheduler_config: dict, config: ml_collections.ConfigDict
-                    ) -> diffusion.NoiseSchedule:
+def noise_schedule(scheduler_config: dict, config: ml_collections.ConfigDict
+                   ) -> diffusion.NoiseSchedule:
+  """A pipeline's (or the default) scheduler config with the run's `diffusion.*` options."""
   if config.diffusion.zero_terminal_snr:
     scheduler_config = {**scheduler_config, "rescale_betas_zero_snr": True}
   schedule = diffusion.NoiseSchedule.from_scheduler_config(scheduler_config)
@@ -56,13 +52,13 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
                       "--config.model.pretrained to the pipeline folder too")
     unet = unet_io.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
     return Models(unet, init_params(unet, jax.random.key(config.train.seed)),
-                  _noise_schedule(DEFAULT_SCHEDULER, config))
+                  noise_schedule(diffusion.DEFAULT_SCHEDULER, config))
   pipe = load_pipeline(config, **options)
   encoders = Encoders(pipe.kind, pipe.vae, tuple(module for module, _ in pipe.text_encoders),
                       constant_time_ids=config.data.sdxl_time_ids == "constant")
   frozen = {"vae": pipe.vae_params,
             "text_encoders": tuple(params for _, params in pipe.text_encoders)}
-  return Models(pipe.unet, pipe.unet_params, _noise_schedule(pipe.scheduler_config, config),
+  return Models(pipe.unet, pipe.unet_params, noise_schedule(pipe.scheduler_config, config),
                 encoders, frozen, pipe.tokenizers)
 
 
@@ -133,17 +129,19 @@ def _this_hosts_data_state(saved: dict, where: str) -> dict:
   return hosts[jax.process_index()]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
-  """Trains `config.train.steps` steps, resuming from WORKDIR's newest checkpoint if any.
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The compiled pieces of a run, built once from the config: the jitted train step and
+  what turns a host batch into that step's input."""
+  step_fn: Any  # (state, global batch) -> (state, metrics), jitted, state donated.
+  step_input: Any  # Host batch -> the global (encoded) batch the step takes.
+  batch_sharding: jax.sharding.NamedSharding
 
-  `devices` (default: all) is the set the mesh is laid over.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
-  models = load_models(config)
+
+def build_program(config: ml_collections.ConfigDict, models: Models,
+                  mesh) -> tuple[TrainState, Program]:
+  """The sharded initial state and the train step of `config` for `models` on `mesh`: what
+  `train` runs and what `bench` times (one builder, so both run the same program)."""
   optimizer = optim.make_optimizer(config)
   shardings = lambda tree: parallel.state_shardings(tree, mesh, config.mesh.min_shard_size)
   # The starting params enter as an argument, never as a closure: a closed-over array would
@@ -175,6 +173,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     batch = parallel.host_to_global(host_batch, batch_sharding)
     return encode_step(frozen, batch) if encode_step else batch
 
+  return state, Program(step_fn, step_input, batch_sharding)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
+  """Trains `config.train.steps` steps, resuming from WORKDIR's newest checkpoint if any.
+
+  `devices` (default: all) is the set the mesh is laid over.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
+  models = load_models(config)
+  state, program = build_program(config, models, mesh)
   data = make_data_iterator(config, models)
 
   checkpointer = Checkpointer(workdir, every=config.train.ckpt_every)
@@ -183,7 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     state, data_state = checkpointer.restore(start, state)
     data.set_state(_this_hosts_data_state(data_state, workdir))
     print(f"resumed from step {start} in {workdir}", flush=True)
-  run = _Run(config, step_fn, step_input, data, checkpointer,
+  run = _Run(config, program.step_fn, program.step_input, data, checkpointer,
              MetricsLog(workdir, config.train.steps))
   try:
     state = _run_steps(run, start, state)

@@ -101,3 +101,25 @@ def test_remat_changes_nothing_but_memory(tmp_path):
   remat_grads = jax.grad(lambda p: loss(remat_model, p))(params)
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat_grads)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cudnn_only_where_its_kernel_takes_the_lengths(monkeypatch):
+  """With 'cudnn' requested, image self-attention over a multiple of 64 tokens gets cuDNN's
+  kernel; the text cross-attention (7 tokens) and the mid block's 4x4 = 16 tokens get XLA's
+  (cuDNN refused SD's 77 text tokens on an H200)."""
+  seen = []
+
+  def record(q, k, v, implementation=None, **kwargs):
+    seen.append((q.shape[1], k.shape[1], implementation))
+    return jnp.zeros(q.shape, q.dtype)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  config = tiny_models.SD15_UNET
+  model = unet_io.build_unet(config, attention_implementation="cudnn")
+  inputs = _inputs(config, size=16)
+  sample = jnp.transpose(inputs["sample"], (0, 2, 3, 1))  # 16x16 latents: 256, 64 tokens.
+  jax.eval_shape(lambda: model.init(jax.random.key(0), sample, inputs["timesteps"],
+                                    inputs["context"]))
+  assert {(q, k, impl) for q, k, impl in seen} == {
+      (256, 256, "cudnn"), (64, 64, "cudnn"), (16, 16, None),
+      (256, 7, None), (64, 7, None), (16, 7, None)}

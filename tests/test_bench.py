@@ -1,0 +1,64 @@
+"""The benchmark harness times the real train step and counts its FLOPs consistently."""
+import json
+
+import jax
+import pytest
+from ml_collections import config_dict
+
+from dpo_jax import bench, default_config
+import tiny_models
+from subprocesses import run_module
+
+
+def _tiny_config(reference_pass: str, pairs: int, unet=None) -> config_dict.ConfigDict:
+  """The demo's UNet (or `unet`) at 32 px, in float32 (bf16 compiles slower on CPUs)."""
+  config = default_config.get_config()
+  if unet:
+    config.model.unet = config_dict.ConfigDict(dict(unet))
+  config.data.resolution = 32
+  config.train.batch_pairs = pairs
+  config.dpo.reference_pass = reference_pass
+  return config
+
+
+def test_separate_passes_cost_eight_forwards_per_pair():
+  """With two programs XLA counts every pass, so its FLOPs per step must match the model
+  count: 8 UNet forward-equivalents per pair (a wrong multiplier is off by ≥ 12%)."""
+  # On 2 devices: XLA costs one device's share, the harness the whole step.
+  result = bench.bench(_tiny_config("separate", 4), steps=2, warmup=1,
+                       devices=jax.devices()[:2])
+  assert result["model_flops_per_step"] == 8 * 4 * result["forward_flops_per_image"]
+  # Backward ≈ 2 forwards up to the optimiser, norms and the loss: within 10%.
+  assert result["flops_per_step"] / result["model_flops_per_step"] == pytest.approx(1, abs=0.1)
+  assert result["pairs_per_sec"] == pytest.approx(4 / result["step_seconds"])
+  assert result["mfu"] is None and result["devices"] == 2  # CPUs have no known peak.
+  assert 0 < result["final_loss"] < 10
+  assert result["peak_bytes_per_device"] > result["memory"]["temp"] > 0
+
+
+@pytest.mark.slow
+def test_shared_pass_counted_once_by_xla():
+  """The shared pass runs both param sets through one loop body, which XLA counts once: its
+  count falls short of the model count by about the reference's forwards (2 of 8). Through
+  SDXL's batch (pooled embeddings, time ids)."""
+  result = bench.bench(_tiny_config("shared", 2, tiny_models.SDXL_UNET), steps=1, warmup=0,
+                       devices=jax.devices()[:1])
+  ratio = result["flops_per_step"] / result["model_flops_per_step"]
+  assert 0.65 < ratio < 0.85, ratio
+
+
+@pytest.mark.slow
+def test_command_prints_json_last():
+  done = run_module("dpo_jax.bench", "--config", "configs/demo.py", "--steps", "1",
+                    "--warmup", "0", "--config.train.batch_pairs=2")
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result["batch_pairs"] == 2 and result["pairs_per_sec"] > 0
+
+
+def test_pipeline_config_needs_a_unet_shape():
+  config = default_config.get_config()
+  config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+  with pytest.raises(bench.UserError, match="--unet"):
+    bench.unet_config(config, None)
+  assert bench.unet_config(config, "sd15")["cross_attention_dim"] == 768
