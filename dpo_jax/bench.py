@@ -24,11 +24,10 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from dpo_jax import cli, config_checks, diffusion, parallel, train
+from dpo_jax import cli, config_checks, diffusion, encode, parallel, train
 from dpo_jax.errors import UserError
 from dpo_jax.models import unet_io, unet_presets, vae as vae_lib
 from dpo_jax.models.unet import init_abstract
-from dpo_jax.train_step import Encoders
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets, no sparsity).
 PEAK_BF16_FLOPS = {
@@ -68,7 +67,7 @@ def random_models(config: ml_collections.ConfigDict, preset: str | None) -> trai
   kind = "sdxl" if unet.config.addition_embed_type else "sd"
   vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig(block_out_channels=(128, 256, 512, 512),
                                                 scaling_factor=_SCALING[kind]))
-  encoders = Encoders(kind, vae, (), constant_time_ids=config.data.sdxl_time_ids == "constant")
+  encoders = encode.Encoders(kind, vae)
   schedule = train.noise_schedule(diffusion.DEFAULT_SCHEDULER, config)
   return train.Models(unet, host_random_params(unet, config.train.seed), schedule, encoders)
 

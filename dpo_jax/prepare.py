@@ -20,14 +20,13 @@ DEFAULT_BATCH_PAIRS = 16
 _PROGRESS_SECONDS = 30
 
 
-def _encode_function(pipe, dtype):
+def _encode_function(encoders, dtype):
   """A jitted (frozen params, batch) -> moments and embeddings, cast to the cache's dtype."""
   import jax  # After flag parsing: JAX is slow to load.
   from dpo_jax import encode
 
   def encode_batch(frozen, batch):
-    out = encode.encode_pairs(pipe.kind, pipe.vae, [module for module, _ in pipe.text_encoders],
-                              frozen, batch)
+    out = encode.encode_pairs(encoders, frozen, batch)
     return {name: value.astype(dtype) for name, value in out.items()}
 
   return jax.jit(encode_batch)
@@ -58,7 +57,7 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   import jax  # Here, not at the top: --help and flag errors should not wait for JAX.
   import jax.numpy as jnp
 
-  from dpo_jax import parallel, train
+  from dpo_jax import encode, parallel, train
   from dpo_jax.data import latent_cache, loader, skips
 
   if config.model.pretrained is None:
@@ -79,12 +78,11 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   devices = jax.local_devices()
   batch_pairs = -(-batch_pairs // len(devices)) * len(devices)
   sharding = parallel.batch_sharding(parallel.make_mesh(-1, 1, devices))
-  frozen = {"vae": pipe.vae_params,
-            "text_encoders": tuple(params for _, params in pipe.text_encoders)}
+  encoders, frozen = encode.pipeline_encoders(pipe)
   fingerprint = latent_cache.encoders_fingerprint(frozen["vae"], frozen["text_encoders"])
   frozen = jax.device_put(frozen, jax.sharding.NamedSharding(sharding.mesh,
                                                              jax.sharding.PartitionSpec()))
-  encode_batch = _encode_function(pipe, jnp.dtype(dtype))
+  encode_batch = _encode_function(encoders, jnp.dtype(dtype))
 
   if index == 0:
     # Through the same program as every batch, so that a prompt dropped at train time gets

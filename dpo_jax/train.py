@@ -7,15 +7,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpo_jax import config_checks, diffusion, optim, parallel, precision
+from dpo_jax import config_checks, diffusion, encode, optim, parallel, precision
 from dpo_jax.checkpoint import Checkpointer
 from dpo_jax.data import latent_cache, loader, skips, synthetic
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_log import MetricsLog
 from dpo_jax.models import pipeline as pipeline_lib, unet_io
 from dpo_jax.models.unet import init_params
-from dpo_jax.train_step import (Encoders, NoiseOptions, TrainState, make_encode_step,
-                                make_pair_loss, make_train_step)
+from dpo_jax.train_step import (NoiseOptions, TrainState, make_encode_step, make_pair_loss,
+                                make_train_step)
 
 @dataclasses.dataclass(frozen=True)
 class Models:
@@ -24,7 +24,7 @@ class Models:
   unet: Any
   initial_params: Any
   schedule: diffusion.NoiseSchedule
-  encoders: Encoders | None = None
+  encoders: encode.Encoders | None = None
   frozen_params: Any = None
   tokenizers: tuple = ()
 
@@ -54,10 +54,7 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
     return Models(unet, init_params(unet, jax.random.key(config.train.seed)),
                   noise_schedule(diffusion.DEFAULT_SCHEDULER, config))
   pipe = load_pipeline(config, **options)
-  encoders = Encoders(pipe.kind, pipe.vae, tuple(module for module, _ in pipe.text_encoders),
-                      constant_time_ids=config.data.sdxl_time_ids == "constant")
-  frozen = {"vae": pipe.vae_params,
-            "text_encoders": tuple(params for _, params in pipe.text_encoders)}
+  encoders, frozen = encode.pipeline_encoders(pipe)
   return Models(pipe.unet, pipe.unet_params, noise_schedule(pipe.scheduler_config, config),
                 encoders, frozen, pipe.tokenizers)
 
@@ -159,7 +156,8 @@ def build_program(config: ml_collections.ConfigDict, models: Models,
                              loss_name=config.dpo.loss, seed=config.train.seed,
                              encoders=models.encoders, compute_dtype=config.model.compute_dtype,
                              noise=noise_options(config),
-                             reference_pass=config.dpo.reference_pass)
+                             reference_pass=config.dpo.reference_pass,
+                             sdxl_time_ids=config.data.sdxl_time_ids)
   step_fn = make_train_step(pair_loss, optimizer, grad_accum=config.train.grad_accum,
                             state_shardings=state_shardings, batch_sharding=batch_sharding)
   encode_step = None

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import diffusion, encode, loss as losses, precision
-from dpo_jax.models import vae as vae_lib
 
 
 @flax.struct.dataclass
@@ -18,18 +17,6 @@ class TrainState:
   params: Any  # The policy: trained, float32 master weights.
   reference_params: Any  # The frozen reference: never differentiated nor seen by the optimiser.
   opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Encoders:
-  """The frozen modules that turn pixels and token ids into UNet inputs (static in the jit);
-  their params travel separately, as the step's `frozen` argument."""
-  kind: str  # 'sd' or 'sdxl'.
-  vae: vae_lib.AutoencoderKL
-  text_encoders: tuple  # Modules, model_index order.
-  # SDXL: condition every image on (R, R, 0, 0, R, R) as the official DPO code does, rather
-  # than on its real original size and crop (diffusers' convention).
-  constant_time_ids: bool = True
 
 
 def pair_keys(seed: int, epochs: jax.Array, pair_ids: jax.Array) -> jax.Array:
@@ -71,64 +58,23 @@ def pair_noise(keys: jax.Array, latent_shape: tuple[int, ...], num_train_timeste
   return jax.vmap(draw)(keys)
 
 
-def _posterior_samples(encoders: Encoders, mean: jax.Array, logvar: jax.Array,
-                       keys: jax.Array) -> jax.Array:
-  """[B, k, h, w, C] moments (k = 2, or 1 for the winners alone) -> model latents: each
-  image draws its own posterior sample (the official code's latent_dist.sample()) from its
-  pair's key, so a cached pair and the same pair encoded in the step get the same sample."""
-  images = mean.shape[1]
-  image_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 1))[:images])(keys)
-  noise = jax.vmap(jax.vmap(lambda k, m: jax.random.normal(k, m.shape, jnp.float32)))(
-      image_keys, mean)
-  latents = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise
-  return vae_lib.to_model_latents(latents, encoders.vae.config)
-
-
-def _added_conditions(encoders: Encoders, batch, pooled, resolution: tuple[int, int],
-                      images: int) -> dict:
-  """SDXL's `text_embeds` and `time_ids` for the first `images` images of each pair, in
-  [B·images] order; {} for SD 1.x/2.x."""
-  if encoders.kind != "sdxl":
-    return {}
-  pairs = batch["pair_ids"].shape[0]
-  if encoders.constant_time_ids:
-    time_ids = jnp.tile(encode.sdxl_time_ids(resolution, (0, 0), resolution),
-                        (pairs * images, 1))
-  else:
-    per_image = lambda name: batch[name][:, :images].reshape(-1, 2)
-    time_ids = encode.sdxl_time_ids(per_image("original_size"), per_image("crop_top_left"),
-                                    resolution)
-  return {"text_embeds": jnp.repeat(pooled.astype(jnp.float32), images, axis=0),
-          "time_ids": time_ids}
-
-
-def _from_encoded(encoders: Encoders, batch, keys, images: int):
-  """An encoded batch (the latent cache's, or `make_encode_step`'s): moments and embeddings
-  -> latents [B, images, h, w, C] (posterior samples), context and added conditions."""
-  moments = (batch[name][:, :images] for name in ("latent_mean", "latent_logvar"))
-  latents = _posterior_samples(encoders, *moments, keys)
-  factor = encoders.vae.config.downscale_factor
-  resolution = (latents.shape[2] * factor, latents.shape[3] * factor)
-  added = _added_conditions(encoders, batch, batch.get("pooled"), resolution, images)
-  return latents, batch["context"].astype(jnp.float32), added
-
-
 def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
-                     encoders: Encoders | None = None, compute_dtype=jnp.float32,
+                     encoders: encode.Encoders | None = None, compute_dtype=jnp.float32,
                      noise: NoiseOptions = NoiseOptions(), reference_pass: str = "shared",
-                     winners_only: bool = False) -> Callable:
+                     winners_only: bool = False, sdxl_time_ids: str = "constant") -> Callable:
   """`pair_errors(params, reference_params, batch) -> (policy, reference)`: per-image
   denoising errors [2B], winners first then losers (reference None if `winners_only`: [B]).
 
   The batch keeps pairs on its leading axis so that each device holds whole pairs: either
-  the encoded pairs of the latent cache or of `make_encode_step` (`encode.encode_pairs`):
+  the encoded pairs of the latent cache or of `make_encode_step` (`encode.encoded_batch`):
   `latent_mean`, `latent_logvar` [B, k, h, w, C] (winner at index 0 of axis 1), `context`
   [B, T, D] (and SDXL's `pooled` [B, P], `original_size`, `crop_top_left` [B, 2, 2]); or
-  ready `latents` [B, 2, h, w, C] and `context` [B, T, D]. `pair_ids` (and optional
-  `epochs`) [B] seed each pair's randomness. Policy and reference params are both cast to
-  the dtypes the `compute_dtype` UNet uses them in (`precision`); `reference_pass`
-  'shared' runs both through one compiled body (equal at step 1, bit for bit), 'separate'
-  as two programs (less memory). `winners_only` (SFT) runs the UNet on the winners alone.
+  ready `latents` [B, 2, h, w, C] and `context` [B, T, D] (`encode.unet_inputs`, with
+  `sdxl_time_ids`). `pair_ids` (and optional `epochs`) [B] seed each pair's randomness.
+  Policy and reference params are both cast to the dtypes the `compute_dtype` UNet uses
+  them in (`precision`); `reference_pass` 'shared' runs both through one compiled body
+  (equal at step 1, bit for bit), 'separate' as two programs (less memory). `winners_only`
+  (SFT) runs the UNet on the winners alone.
   """
   images = 1 if winners_only else 2
 
@@ -136,10 +82,7 @@ def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
     pairs = batch["pair_ids"].shape[0]
     epochs = batch.get("epochs", jnp.zeros_like(batch["pair_ids"]))
     keys = pair_keys(seed, epochs, batch["pair_ids"])
-    if "latent_mean" in batch:
-      latents, context, added = _from_encoded(encoders, batch, keys, images)
-    else:
-      latents, context, added = batch["latents"][:, :images], batch["context"], {}
+    latents, context, added = encode.unet_inputs(encoders, batch, keys, images, sdxl_time_ids)
     # [B, k, ...] -> [kB, ...] interleaves w0, l0, w1, l1 without moving data between devices.
     latents = latents.reshape(images * pairs, *latents.shape[2:])
     timesteps, target_noise, input_noise = (
@@ -191,26 +134,13 @@ def _merge_microbatches(micro):
       lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), micro)
 
 
-def encode_function(encoders: Encoders, images: int = 2) -> Callable:
-  """`encode(frozen, batch)`: a pixel batch -> the encoded batch the step takes (what the
-  latent cache holds), keeping `pair_ids`, `epochs` and SDXL's sizes and crops."""
-
-  def encode_batch(frozen, batch):
-    encoded = encode.encode_pairs(encoders.kind, encoders.vae, encoders.text_encoders, frozen,
-                                  batch, images)
-    kept = {k: v for k, v in batch.items() if k != "pixels" and not k.startswith("input_ids_")}
-    return {**kept, **jax.lax.stop_gradient(encoded)}
-
-  return encode_batch
-
-
-def make_encode_step(encoders: Encoders, *, images: int = 2, grad_accum: int = 1,
+def make_encode_step(encoders: encode.Encoders, *, images: int = 2, grad_accum: int = 1,
                      frozen_shardings, batch_sharding: jax.sharding.NamedSharding) -> Callable:
   """`encode_step(frozen, batch) -> encoded batch`, jitted: a program of its own, so the
   train step is one and the same program whether its batches come from images or from the
   latent cache (and so computes the same, in any dtype). It encodes `grad_accum`
   microbatches in sequence, as the step trains them, to bound the encoders' memory."""
-  encode_batch = encode_function(encoders, images)
+  encode_batch = lambda frozen, batch: encode.encoded_batch(encoders, frozen, batch, images)
 
   def encode_step(frozen, batch):
     if grad_accum == 1:
@@ -222,14 +152,13 @@ def make_encode_step(encoders: Encoders, *, images: int = 2, grad_accum: int = 1
                  out_shardings=batch_sharding)
 
 
-def make_eval_step(pair_loss: Callable, encoders: Encoders | None = None) -> Callable:
+def make_eval_step(pair_loss: Callable, encoders: encode.Encoders | None = None) -> Callable:
   """`eval_step(state, frozen, batch) -> metrics` of the policy against the reference; pixel
   batches are encoded first by `encoders` with `frozen` params."""
-  encode_batch = encode_function(encoders) if encoders else None
 
   def eval_step(state, frozen, batch):
     if "pixels" in batch:
-      batch = encode_batch(frozen, batch)
+      batch = encode.encoded_batch(encoders, frozen, batch)
     return pair_loss(state.params, state.reference_params, batch)[1]
 
   return jax.jit(eval_step)

@@ -1,4 +1,5 @@
 """The latent cache: prepare once, then train from it exactly as from the raw images."""
+import functools
 import json
 import os
 import shutil
@@ -11,10 +12,10 @@ import subprocesses
 import tiny_config
 import tiny_data
 import tiny_models
-from dpo_jax import parallel, prepare as prepare_lib, train
+from dpo_jax import encode as encode_lib, parallel, prepare as prepare_lib, train
 from dpo_jax.data import latent_cache, loader
 from dpo_jax.errors import UserError
-from dpo_jax.train_step import encode_function, make_pair_loss
+from dpo_jax.train_step import make_pair_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "tiny_config.py")
@@ -69,7 +70,7 @@ def test_training_from_the_cache_gives_the_raw_loss_for_the_same_noise(kind_and_
   # One pair per device, as prepare laid its batches out over the 8 devices: the encoders'
   # matmuls then take the same shapes, and give the same float32 numbers, in both.
   mesh = parallel.make_mesh(-1, 1, jax.devices()[:config.train.batch_pairs])
-  encode = jax.jit(encode_function(models.encoders),
+  encode = jax.jit(functools.partial(encode_lib.encoded_batch, models.encoders),
                    in_shardings=(None, parallel.batch_sharding(mesh)))
   # A policy that differs from the reference, so the loss is not ln 2 whatever the inputs
   # (by more than bfloat16's rounding, which would map it back onto the reference).

@@ -2,6 +2,8 @@
 pixels through diffusers' VAE (posterior sample × scaling factor) and the pipeline's text
 encoders, one (t, ε) shared by each pair's winner and loser, SDXL's constant time ids, the
 policy and the reference as diffusers UNets on the same weights and draws."""
+import functools
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import torch
 import tiny_models
 from dpo_jax import default_config, encode, train
 from dpo_jax.models import weights
-from dpo_jax.train_step import encode_function, make_pair_loss, pair_keys, pair_noise
+from dpo_jax.train_step import make_pair_loss, pair_keys, pair_noise
 from test_loss import _official_dpo_loss
 
 PAIRS, RESOLUTION, SEED, BETA = 3, 32, 11, 400.0
@@ -86,7 +88,8 @@ def test_pair_loss_equals_the_official_loss_on_the_same_weights_and_draws(kind, 
            "crop_top_left": np.full((PAIRS, 2, 2), 3, np.int32),
            **{f"input_ids_{i}": x for i, x in enumerate(ids)}}
   policy = _policy(models.initial_params)
-  encoded = jax.jit(encode_function(models.encoders))(models.frozen_params, batch)
+  encoded = jax.jit(functools.partial(encode.encoded_batch, models.encoders))(
+      models.frozen_params, batch)
   pair_loss = jax.jit(make_pair_loss(models.unet, models.schedule, beta=BETA, loss_name="dpo",
                                      seed=SEED, encoders=models.encoders))
   loss, metrics = pair_loss(policy, models.initial_params, encoded)

@@ -65,14 +65,9 @@ def test_tokenization_matches_the_pipeline_tokenizers(saved):
 def test_encode_prompts_matches_diffusers_encode_prompt(saved):
   torch_pipe, _, pipe = saved
   ids = encode.tokenize_prompts(pipe.tokenizers, PROMPTS)
-  modules = [module for module, _ in pipe.text_encoders]
-
-  @jax.jit
-  def run(params, ids):
-    return encode.encode_prompts(
-        encode.PromptEncoders(pipe.kind, tuple(zip(modules, params))), ids)
-
-  context, pooled = run([params for _, params in pipe.text_encoders], ids)
+  encoders, frozen = encode.pipeline_encoders(pipe)
+  run = jax.jit(lambda params, ids: encode.encode_prompts(encoders, params, ids))
+  context, pooled = run(frozen["text_encoders"], ids)
   with torch.no_grad():
     theirs = torch_pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
                                       do_classifier_free_guidance=False)
@@ -82,8 +77,8 @@ def test_encode_prompts_matches_diffusers_encode_prompt(saved):
     assert pooled is None
   else:
     _close(pooled, theirs[2])
-    # The same through the Pipeline itself, outside jit.
-    eager_context, eager_pooled = encode.encode_prompts(pipe, ids)
+    # The same outside jit.
+    eager_context, eager_pooled = encode.encode_prompts(encoders, frozen["text_encoders"], ids)
     np.testing.assert_allclose(eager_context, context, atol=1e-5)
     np.testing.assert_allclose(eager_pooled, pooled, atol=1e-5)
 
