@@ -126,15 +126,18 @@ def check_batch(global_batch_pairs: int, mesh: Mesh, grad_accum: int = 1) -> Non
                   f"--config.train.batch_pairs to {' or '.join(map(str, valid))}")
 
 
-def host_slice(global_batch_pairs: int) -> slice:
-  """The pairs of a global batch this process loads: an equal, contiguous share.
+def host_slice(global_batch_pairs: int, process_index: int | None = None,
+               process_count: int | None = None) -> slice:
+  """The pairs of a global batch a process (default: this one) loads: an equal, contiguous
+  share; the one place a host's share is computed.
 
   Which global rows they land on does not matter: each pair's noise comes from its id.
   `check_batch` makes the share whole, as every host drives the same number of devices.
   """
-  per_host = global_batch_pairs // jax.process_count()
-  start = jax.process_index() * per_host
-  return slice(start, start + per_host)
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  per_host = global_batch_pairs // count
+  return slice(index * per_host, (index + 1) * per_host)
 
 
 def host_to_global(local_batch: Mapping[str, np.ndarray],

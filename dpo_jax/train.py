@@ -9,7 +9,7 @@ import ml_collections
 
 from dpo_jax import config_checks, diffusion, encode, optim, parallel, precision
 from dpo_jax.checkpoint import Checkpointer
-from dpo_jax.data import latent_cache, loader, skips, synthetic
+from dpo_jax.data import interfaces, latent_cache, loader, skips, synthetic
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_log import MetricsLog
 from dpo_jax.models import pipeline as pipeline_lib, unet_io
@@ -83,7 +83,8 @@ def noise_options(config: ml_collections.ConfigDict) -> NoiseOptions:
                       input_perturbation=config.diffusion.input_perturbation)
 
 
-def make_data_iterator(config: ml_collections.ConfigDict, models: Models):
+def make_data_iterator(config: ml_collections.ConfigDict,
+                       models: Models) -> interfaces.BatchIterator:
   """Host-local batches of this process's share of `train.batch_pairs`, with get/set_state."""
   host_slice = parallel.host_slice(config.train.batch_pairs)
   if config.data.format == "synthetic" and not config.data.cache_dir:
@@ -217,7 +218,7 @@ class _Run:
   config: ml_collections.ConfigDict
   step_fn: Any  # (state, global batch) -> (state, metrics), jitted.
   step_input: Any  # Host batch -> the global (encoded) batch the step takes.
-  data: Any  # This host's batch iterator (`loader.PairBatches` or synthetic).
+  data: interfaces.BatchIterator  # This host's batches.
   checkpointer: Checkpointer
   log: MetricsLog
 

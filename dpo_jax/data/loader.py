@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 import grain.python as grain
 import transformers
 
-from dpo_jax.data import (files, jsonl_pairs, latent_cache, pickapic, skips, subset, tfds_pairs,
-                          transforms)
+from dpo_jax import parallel
+from dpo_jax.data import (files, interfaces, jsonl_pairs, latent_cache, pickapic, skips, subset,
+                          tfds_pairs, transforms)
 from dpo_jax.errors import UserError
 
 # Raw records hold two JPEGs (~0.7 MB for Pick-a-Pic): bound what the read threads hold.
@@ -41,7 +42,7 @@ class _AddEpoch:
       yield grain.Record(record.metadata, {**record.data, "epochs": epoch})
 
 
-def make_source(data_config):
+def make_source(data_config) -> interfaces.PairSource:
   """The random-access source `data.format` names; all give the same records."""
   model_filter = data_config.get("model_filter")
   data_format = data_config.get("format", "pickapic")
@@ -96,8 +97,9 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
                              "data.train_files")
   if error:
     raise UserError(error)
-  per_host, rest = divmod(config.train.batch_pairs, process_count)
-  if rest or not per_host:
+  share = parallel.host_slice(config.train.batch_pairs, process_index, process_count)
+  per_host = share.stop - share.start
+  if per_host * process_count != config.train.batch_pairs or not per_host:
     raise UserError(f"train.batch_pairs={config.train.batch_pairs} does not split evenly over "
                     f"{process_count} hosts; set --config.train.batch_pairs to a multiple of "
                     f"{process_count}")
@@ -138,7 +140,8 @@ def make_prepare_iterator(config, source, tokenizers: Sequence[transformers.CLIP
 
 
 class PairBatches:
-  """This host's batches, counting what the pipeline skipped on the way.
+  """This host's batches, counting what the pipeline skipped on the way (an
+  `interfaces.BatchIterator`).
 
   `counts` are this host's streamed counts (`skips` kinds and 'kept'), since the run began:
   they are saved and restored with the position. `skipped_at_start` are what the source

@@ -28,9 +28,8 @@ def synthetic_pairs(pair_ids: np.ndarray, *, seed: int, latent_size: int, channe
 class SyntheticIterator:
   """Consecutive batches of `synthetic_pairs`; its whole state is the next pair id.
 
-  Its `counts` and `skipped_at_start` follow `loader.PairBatches`: nothing is ever skipped.
+  A `interfaces.BatchIterator`; nothing is ever skipped.
   """
-  skipped_at_start = {}
 
   def __init__(self, *, batch_pairs: int, host_slice: slice, **options):
     self._batch_pairs, self._host_slice, self._options = batch_pairs, host_slice, options
@@ -40,6 +39,10 @@ class SyntheticIterator:
     pair_ids = np.arange(self._next_pair, self._next_pair + self._batch_pairs)
     self._next_pair += self._batch_pairs
     return synthetic_pairs(pair_ids[self._host_slice], **self._options)
+
+  @property
+  def skipped_at_start(self) -> dict[str, int]:
+    return {}
 
   @property
   def counts(self) -> dict[str, int]:

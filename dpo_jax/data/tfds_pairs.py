@@ -184,9 +184,6 @@ class TfdsPairsSource:
   ...}. Picklable (grain workers): the tfds source is reopened per process on first use.
   Thread-safe: array_record readers lock internally.
   """
-  # Nothing is left out while opening: every skip is found on read, and counted downstream.
-  skipped_at_start = {}
-
   def __init__(self, name: str, *, split: str = "train", data_dir: str | None = None,
                model_filter: str | None = None):
     self._name, self._split, self._data_dir = name, split, data_dir
@@ -220,6 +217,11 @@ class TfdsPairsSource:
       if self._source is None:
         self._source, _ = _open(self._name, self._split, self._data_dir, self._model_filter)
       return self._source
+
+  @property
+  def skipped_at_start(self) -> dict[str, int]:
+    """Nothing is left out while opening: every skip is found on read, counted downstream."""
+    return {}
 
   def __len__(self) -> int:
     return self._length
