@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from dpo_jax import diffusion, loss as losses, precision
-from dpo_jax.models import unet_io, unet_presets
+from dpo_jax.models import unet as unet_lib, unet_presets
 from dpo_jax.models.unet import init_params
 from dpo_jax.train_step import make_pair_errors
 
@@ -44,7 +44,7 @@ def inside_terms(name: str, pairs: int, batches: int, size: int, beta: float, se
     preset["block_out_channels"] = [c // width_divisor for c in preset["block_out_channels"]]
   if preset.get("addition_embed_type"):
     raise SystemExit(f"--preset {name}: only SD 1.x/2.x shapes (no SDXL added conditions)")
-  unet = unet_io.build_unet(preset, dtype=jnp.bfloat16, remat=remat)
+  unet = unet_lib.build_unet(preset, dtype=jnp.bfloat16, remat=remat)
   params = init_params(unet, jax.random.key(seed))
   reference = precision.reference_params(params, "bfloat16")
   schedule = diffusion.NoiseSchedule.from_scheduler_config(diffusion.DEFAULT_SCHEDULER)

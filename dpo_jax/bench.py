@@ -26,7 +26,7 @@ from absl import flags
 
 from dpo_jax import cli, config_checks, diffusion, encode, parallel, train
 from dpo_jax.errors import UserError
-from dpo_jax.models import unet_io, unet_presets, vae as vae_lib
+from dpo_jax.models import unet as unet_lib, unet_presets, vae as vae_lib
 from dpo_jax.models.unet import init_abstract
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets, no sparsity).
@@ -63,7 +63,7 @@ def random_models(config: ml_collections.ConfigDict, preset: str | None) -> trai
   batches arrive encoded, as from a latent cache."""
   options = dict(dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
                  attention_implementation=config.model.attention_implementation)
-  unet = unet_io.build_unet(unet_config(config, preset), **options)
+  unet = unet_lib.build_unet(unet_config(config, preset), **options)
   kind = "sdxl" if unet.config.addition_embed_type else "sd"
   vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig(block_out_channels=(128, 256, 512, 512),
                                                 scaling_factor=_SCALING[kind]))

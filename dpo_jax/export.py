@@ -14,7 +14,7 @@ from dpo_jax.errors import UserError
 def export(workdir: str, output: str, step: int | None = None, overwrite: bool = False) -> int:
   """Exports checkpoint `step` (default: newest) of the run in `workdir`; returns the step."""
   from dpo_jax.checkpoint import Checkpointer  # After flag parsing: JAX is slow to load.
-  from dpo_jax.models import pipeline as pipeline_lib, unet_io
+  from dpo_jax.models import pipeline as pipeline_lib, unet as unet_lib
 
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserError(f"{workdir} holds no checkpoints/; pass the --workdir of a training run")
@@ -40,8 +40,8 @@ def export(workdir: str, output: str, step: int | None = None, overwrite: bool =
     if os.path.isdir(output) and os.listdir(output) and not overwrite:
       raise UserError(f"{output} exists and is not empty; choose another --output or pass "
                       "--overwrite")
-    unet = unet_io.build_unet(config["model"]["unet"], where="the run's model.unet")
-    unet_io.save_unet(unet, params, os.path.join(output, "unet"))
+    unet = unet_lib.build_unet(config["model"]["unet"], where="the run's model.unet")
+    unet_lib.save_unet(unet, params, os.path.join(output, "unet"))
   return step
 
 

@@ -12,7 +12,7 @@ from dpo_jax.checkpoint import Checkpointer
 from dpo_jax.data import interfaces, latent_cache, loader, skips, synthetic
 from dpo_jax.errors import UserError
 from dpo_jax.metrics_log import MetricsLog
-from dpo_jax.models import pipeline as pipeline_lib, unet_io
+from dpo_jax.models import pipeline as pipeline_lib, unet as unet_lib
 from dpo_jax.models.unet import init_params
 from dpo_jax.train_step import (NoiseOptions, TrainState, make_encode_step, make_pair_loss,
                                 make_train_step)
@@ -50,7 +50,7 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
     if config.model.unet_init or config.model.vae:
       raise UserError("model.unet_init and model.vae replace parts of model.pretrained; set "
                       "--config.model.pretrained to the pipeline folder too")
-    unet = unet_io.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
+    unet = unet_lib.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
     return Models(unet, init_params(unet, jax.random.key(config.train.seed)),
                   noise_schedule(diffusion.DEFAULT_SCHEDULER, config))
   pipe = load_pipeline(config, **options)

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 
 import tiny_models
 from dpo_jax import diffusion, loss as losses
-from dpo_jax.models import unet_io, weights
+from dpo_jax.models import unet as unet_lib, weights
 
 SD15_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 # Small enough that σ(inside) stays away from 0 and 1 (|inside| < 2.1 here), so the loss and its
@@ -98,8 +98,8 @@ def unets(tmp_path_factory):
   folder = tmp_path_factory.mktemp("unets")
   policy.save_pretrained(folder / "policy")
   reference.save_pretrained(folder / "reference")
-  model, policy_params = unet_io.load_unet(str(folder / "policy"))
-  _, reference_params = unet_io.load_unet(str(folder / "reference"))
+  model, policy_params = unet_lib.load_unet(str(folder / "policy"))
+  _, reference_params = unet_lib.load_unet(str(folder / "reference"))
   return policy, reference, model, policy_params, reference_params
 
 

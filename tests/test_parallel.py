@@ -17,7 +17,7 @@ import subprocesses
 import tiny_models
 from dpo_jax import parallel
 from dpo_jax.errors import UserError
-from dpo_jax.models import unet_io
+from dpo_jax.models import unet as unet_lib
 from dpo_jax.models.unet import init_abstract
 from dpo_jax.train_step import TrainState
 
@@ -64,7 +64,7 @@ def test_param_partition_spec_without_fsdp_replicates():
 
 
 def _tiny_unet_state():
-  model = unet_io.build_unet(tiny_models.SD15_UNET)
+  model = unet_lib.build_unet(tiny_models.SD15_UNET)
   params = init_abstract(model)
   optimizer = optax.adamw(1e-3)
   return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,

@@ -187,7 +187,7 @@ def test_interrupted_export_leaves_nothing(saved, tmp_path, monkeypatch):
   def fail(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(pipeline_lib.unet_io, "save_unet", fail)
+  monkeypatch.setattr(pipeline_lib.unet_lib, "save_unet", fail)
   with pytest.raises(KeyboardInterrupt):
     pipeline_lib.export_pipeline(pipe, pipe.unet_params, str(tmp_path / "out"))
   assert os.listdir(tmp_path) == []

@@ -13,7 +13,7 @@ import pytest
 import tiny_data
 import tiny_models
 from dpo_jax import precision, train
-from dpo_jax.models import unet_io
+from dpo_jax.models import unet as unet_lib
 from dpo_jax.models.unet import _example_inputs, init_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ def _uses(jaxpr, var):
 def test_rounded_leaves_are_exactly_those_the_bfloat16_unet_casts(shape):
   """Traced UNet in bfloat16: a leaf marked rounded is only ever read through a cast to
   bfloat16; any other leaf is never cast to bfloat16 (it enters float32 arithmetic)."""
-  unet = unet_io.build_unet(dict(getattr(tiny_models, shape)), dtype=jnp.bfloat16)
+  unet = unet_lib.build_unet(dict(getattr(tiny_models, shape)), dtype=jnp.bfloat16)
   params = jax.eval_shape(lambda: init_params(unet, jax.random.key(0)))
   args, kwargs = _example_inputs(unet.config)
   closed = jax.make_jaxpr(lambda p, a, k: unet.apply({"params": p}, *a, **k))(
@@ -48,7 +48,7 @@ def test_rounded_leaves_are_exactly_those_the_bfloat16_unet_casts(shape):
 
 
 def test_bfloat16_reference_keeps_normalisation_params_in_float32():
-  unet = unet_io.build_unet(dict(tiny_models.SD15_UNET))
+  unet = unet_lib.build_unet(dict(tiny_models.SD15_UNET))
   params = init_params(unet, jax.random.key(0))
   reference = precision.reference_params(params, "bfloat16")
   assert reference["conv_in"]["kernel"].dtype == jnp.bfloat16

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny_models
-from dpo_jax.models import unet_io
+from dpo_jax.models import unet as unet_lib
 
 VARIANTS = {
     "sd15": tiny_models.SD15_UNET,
@@ -60,7 +60,7 @@ def saved_unet(request, tmp_path_factory):
 @pytest.mark.parametrize("size", [16, 10])  # 10: odd side at the lowest level (5 -> 3 -> 5).
 def test_float32_forward_matches_diffusers(saved_unet, size):
   config, torch_model, folder = saved_unet
-  model, params = unet_io.load_unet(folder)
+  model, params = unet_lib.load_unet(folder)
   inputs = _inputs(config, size=size)
   expected = _torch_forward(torch_model, inputs)
   actual = _jax_forward(model, params, inputs)
@@ -73,7 +73,7 @@ def test_bfloat16_compute_stays_close(saved_unet):
   """bf16 compute (params float32) is within 5% of the output scale of the float32 oracle:
   bf16 keeps 8 mantissa bits, and ~40 layers compound its rounding."""
   config, torch_model, folder = saved_unet
-  model, params = unet_io.load_unet(folder, dtype=jnp.bfloat16)
+  model, params = unet_lib.load_unet(folder, dtype=jnp.bfloat16)
   inputs = _inputs(config)
   expected = _torch_forward(torch_model, inputs)
   actual = _jax_forward(model, params, inputs)
@@ -86,8 +86,8 @@ def test_bfloat16_compute_stays_close(saved_unet):
 def test_remat_changes_nothing_but_memory(tmp_path):
   config = tiny_models.SD21_UNET  # The cheapest to differentiate twice.
   tiny_models.make_unet(config).save_pretrained(tmp_path)
-  model, params = unet_io.load_unet(str(tmp_path))
-  remat_model, _ = unet_io.load_unet(str(tmp_path), remat=True)
+  model, params = unet_lib.load_unet(str(tmp_path))
+  remat_model, _ = unet_lib.load_unet(str(tmp_path), remat=True)
   inputs = _inputs(config, batch=1, size=8)
   sample = jnp.asarray(inputs["sample"]).transpose(0, 2, 3, 1)
   extra = {k: jnp.asarray(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
@@ -115,7 +115,7 @@ def test_cudnn_only_where_its_kernel_takes_the_lengths(monkeypatch):
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", record)
   config = tiny_models.SD15_UNET
-  model = unet_io.build_unet(config, attention_implementation="cudnn")
+  model = unet_lib.build_unet(config, attention_implementation="cudnn")
   inputs = _inputs(config, size=16)
   sample = jnp.transpose(inputs["sample"], (0, 2, 3, 1))  # 16x16 latents: 256, 64 tokens.
   jax.eval_shape(lambda: model.init(jax.random.key(0), sample, inputs["timesteps"],

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 
 import tiny_models
 from dpo_jax.errors import UserError
-from dpo_jax.models import model_files, unet_io
+from dpo_jax.models import model_files, unet as unet_lib
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd21", "sdxl"])
@@ -25,8 +25,8 @@ def original(request, tmp_path_factory):
 
 def test_load_export_load_is_bit_identical(original, tmp_path):
   torch_model, folder = original
-  model, params = unet_io.load_unet(folder)
-  unet_io.save_unet(model, params, str(tmp_path))
+  model, params = unet_lib.load_unet(folder)
+  unet_lib.save_unet(model, params, str(tmp_path))
   reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
   tiny_models.assert_same_tensors(torch_model, reloaded)
   tiny_models.assert_same_config(torch_model.config, reloaded.config)
@@ -34,8 +34,8 @@ def test_load_export_load_is_bit_identical(original, tmp_path):
 
 def test_sharded_export_is_read_by_diffusers(original, tmp_path):
   torch_model, folder = original
-  model, params = unet_io.load_unet(folder)
-  unet_io.save_unet(model, params, str(tmp_path), max_shard_bytes=200_000)
+  model, params = unet_lib.load_unet(folder)
+  unet_lib.save_unet(model, params, str(tmp_path), max_shard_bytes=200_000)
   index = json.loads((tmp_path / "diffusion_pytorch_model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
   tiny_models.assert_same_tensors(torch_model, UNet2DConditionModel.from_pretrained(tmp_path))
@@ -43,9 +43,9 @@ def test_sharded_export_is_read_by_diffusers(original, tmp_path):
 
 def test_reexport_into_same_folder_leaves_no_stale_shards(original, tmp_path):
   _, folder = original
-  model, params = unet_io.load_unet(folder)
-  unet_io.save_unet(model, params, str(tmp_path), max_shard_bytes=200_000)
-  unet_io.save_unet(model, params, str(tmp_path))
+  model, params = unet_lib.load_unet(folder)
+  unet_lib.save_unet(model, params, str(tmp_path), max_shard_bytes=200_000)
+  unet_lib.save_unet(model, params, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
@@ -55,11 +55,11 @@ def test_reads_sharded_and_fp16_variant_folders(tmp_path):
   torch_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
   torch_model.save_pretrained(tmp_path / "fp16", variant="fp16")
   assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
-  _, sharded = unet_io.load_unet(str(tmp_path / "sharded"))
-  _, half = unet_io.load_unet(str(tmp_path / "fp16"), variant="fp16")
+  _, sharded = unet_lib.load_unet(str(tmp_path / "sharded"))
+  _, half = unet_lib.load_unet(str(tmp_path / "fp16"), variant="fp16")
   expected = {k: v.float().numpy() for k, v in torch_model.state_dict().items()}
   for params in (sharded, half):
-    state = unet_io.weights.params_to_state_dict(params)
+    state = unet_lib.weights.params_to_state_dict(params)
     assert sorted(state) == sorted(expected)
     for key in expected:
       np.testing.assert_array_equal(state[key], expected[key], err_msg=key)
@@ -68,8 +68,8 @@ def test_reads_sharded_and_fp16_variant_folders(tmp_path):
 def test_bfloat16_weights_load(tmp_path):
   torch_model = tiny_models.make_unet(tiny_models.SD15_UNET).to(torch.bfloat16)
   torch_model.save_pretrained(tmp_path)
-  _, params = unet_io.load_unet(str(tmp_path))
-  state = unet_io.weights.params_to_state_dict(params)
+  _, params = unet_lib.load_unet(str(tmp_path))
+  state = unet_lib.weights.params_to_state_dict(params)
   key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
   np.testing.assert_array_equal(state[key], torch_model.state_dict()[key].float().numpy())
 
@@ -84,7 +84,7 @@ def test_pickle_only_folder_is_refused_with_conversion_hint(tmp_path):
   tiny_models.make_unet(tiny_models.SD15_UNET).save_pretrained(tmp_path, safe_serialization=False)
   assert any(name.endswith(".bin") for name in os.listdir(tmp_path))
   with pytest.raises(UserError) as error:
-    unet_io.load_unet(str(tmp_path))
+    unet_lib.load_unet(str(tmp_path))
   message = _one_line(error.value)
   assert "pickled" in message and "save_pretrained" in message
 
@@ -98,7 +98,7 @@ def test_pickle_only_folder_is_refused_with_conversion_hint(tmp_path):
 def test_unsupported_config_value_names_the_key(tmp_path, key, value):
   config = dict(tiny_models.SD15_UNET, **{key: value})
   with pytest.raises(UserError) as error:
-    unet_io.build_unet(config)
+    unet_lib.build_unet(config)
   assert key in _one_line(error.value)
 
 
@@ -107,13 +107,13 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps(dict(config, cross_attention_dim=48)))
   with pytest.raises(UserError) as error:
-    unet_io.load_unet(str(tmp_path))
+    unet_lib.load_unet(str(tmp_path))
   assert "attn2.to_k.weight" in _one_line(error.value)
 
 
 def test_missing_folder_and_offline_hub_id_are_one_line_errors(tmp_path):
   with pytest.raises(UserError) as error:
-    unet_io.load_unet(str(tmp_path / "nope"))
+    unet_lib.load_unet(str(tmp_path / "nope"))
   assert str(tmp_path / "nope") in _one_line(error.value)
   os.environ["HF_HUB_OFFLINE"] = "1"
   with pytest.raises(UserError) as error:

@@ -16,7 +16,7 @@ import transformers
 
 from dpo_jax import diffusion
 from dpo_jax.errors import UserError
-from dpo_jax.models import clip, model_files, tokenizer, unet_io, vae as vae_lib
+from dpo_jax.models import clip, model_files, tokenizer, unet as unet_lib, vae as vae_lib
 from dpo_jax.models.unet import UNet2DConditionModel
 from dpo_jax.models.vae import AutoencoderKL
 
@@ -154,7 +154,7 @@ def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
   sub = lambda name: os.path.join(folder, name)
 
   unet_folder = _unet_folder(unet_init) if unet_init else sub("unet")
-  unet, unet_params = unet_io.load_unet(unet_folder, variant=variant, dtype=dtype, remat=remat,
+  unet, unet_params = unet_lib.load_unet(unet_folder, variant=variant, dtype=dtype, remat=remat,
                                         **attention)
   vae_folder = model_files.resolve_pretrained(vae, key="model.vae") if vae else sub("vae")
   vae_model, vae_params = vae_lib.load_vae(vae_folder, variant=variant, dtype=vae_dtype or dtype)
@@ -186,7 +186,7 @@ def _write_pipeline(pipeline: Pipeline, unet_params, folder: str) -> None:
   shutil.copy2(os.path.join(source, MODEL_INDEX), folder)
   for name in components(index):
     if name == "unet":
-      unet_io.save_unet(pipeline.unet, unet_params, os.path.join(folder, name))
+      unet_lib.save_unet(pipeline.unet, unet_params, os.path.join(folder, name))
       continue
     if not os.path.isdir(os.path.join(source, name)):
       raise UserError(f"{source} lists component '{name}' but has no {name}/ folder; "
