@@ -16,8 +16,11 @@ from dpo_jax.errors import UserError
 class Checkpointer:
 
   def __init__(self, workdir: str, *, every: int, keep: int = 3):
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                           enable_async_checkpointing=True)
+    # Every `every` steps and nothing else: orbax's default policy would also save the first
+    # step of a fresh run (a full SDXL state written at step 1).
+    policy = ocp.checkpoint_managers.FixedIntervalPolicy(every)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                           save_decision_policy=policy)
     self._manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                           options=options, item_names=("state", "data", "config"))
 
