@@ -18,7 +18,7 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 
 demo: install
-	$(BIN)/python -m dpo_jax.main --workdir workdirs/demo
+	$(BIN)/python -m dpo_jax.main --config configs/demo.py --workdir workdirs/demo
 
 lint: install-test
 	$(BIN)/ruff check .

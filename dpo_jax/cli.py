@@ -15,7 +15,9 @@ from ml_collections import config_flags
 
 from dpo_jax.errors import UserError
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
+# The embedded default: the CPU demo of the checkout the package runs from.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "demo.py")
 _BAD_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
 

@@ -1,19 +1,12 @@
-"""Every config key dpo_jax reads, with the CPU demo as the embedded default.
+"""Every config key dpo_jax reads, with neutral defaults: the base of every config.
 
-`configs/*.py` start from this `get_config()` and override what their run needs, so any key
-here can be set on the command line (`--config.dpo.beta=5000`). Optional values are
-`placeholder`s because ml_collections cannot override a field whose default is plain None.
+`configs/*.py` start from this `get_config()` and override what their run needs (the paper's
+recipes through `dpo_jax.recipes`, the CPU demo in configs/demo.py), so any key here can be
+set on the command line (`--config.dpo.beta=5000`). Optional values are `placeholder`s
+because ml_collections cannot override a field whose default is plain None.
 """
 import ml_collections
 from ml_collections import config_dict
-
-# A UNet shaped like SD1.5's (cross-attention at the top levels, none at the bottom), small
-# enough to train on a laptop CPU in a minute.
-DEMO_UNET = dict(
-    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   # A diffusers pipeline folder or hub id; unset: a random UNet built from `model.unet`.
   config.model.pretrained = config_dict.placeholder(str)
-  config.model.unet = ml_collections.ConfigDict(DEMO_UNET)
+  # A diffusers unet/config.json as a dict, for a random UNet (configs/demo.py sets one).
+  config.model.unet = ml_collections.ConfigDict()
   config.model.variant = config_dict.placeholder(str)  # e.g. 'fp16' for *.fp16.safetensors.
   config.model.revision = config_dict.placeholder(str)  # A hub id's branch, tag or commit.
   # A UNet (or pipeline) folder whose UNet replaces the pipeline's as the starting point of
@@ -48,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   # parquet shards as published; 'jsonl': your own {"prompt", "chosen", "rejected"} lines;
   # 'tfds': a TFDS dataset (array_record) with Pick-a-Pic's features (all need
   # model.pretrained).
-  config.data.format = "synthetic"
+  config.data.format = "pickapic"
   config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
   # Pick-a-Pic given as a folder (data.train_files=PICKAPIC_V2): its files of this split,
   # '{split}-*.parquet' anywhere below it ('train', 'validation', 'test',
@@ -67,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Pick-a-Pic only: comma-separated substrings; keep a pair only if both images' model names
   # contain one (case-insensitive). The paper's Dreamlike-only subset: 'dreamlike'.
   config.data.model_filter = config_dict.placeholder(str)
-  config.data.resolution = 64  # Pixels; latents are resolution / 8.
+  config.data.resolution = 512  # Pixels; latents are resolution / 8.
   config.data.context_length = 8  # Text tokens of the synthetic conditioning.
   config.data.random_crop = False  # Official default: centre crop.
   config.data.random_flip = True  # Official: per-image horizontal flip.
@@ -85,14 +79,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.sdxl_time_ids = "constant"
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 40
-  config.train.batch_pairs = 8  # Global, in pairs, per optimiser step.
+  config.train.steps = 2000
+  config.train.batch_pairs = 64  # Global, in pairs, per optimiser step.
   # Split each step's batch into this many sequential microbatches (gradients averaged):
   # the paper's 2048 pairs per step on 16 GPUs is batch_pairs=2048, grad_accum=128.
   config.train.grad_accum = 1
   config.train.seed = 0
-  config.train.ckpt_every = 1000
-  config.train.log_every = 4
+  config.train.ckpt_every = 500
+  config.train.log_every = 10
 
   # Devices form a ('data', 'fsdp') mesh; -1 takes what the other axis leaves. Params and
   # optimizer state are sharded over 'fsdp' (keep it within one host's NVLink/ICI domain).
@@ -136,10 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
   # the last two dims of its PyTorch layout, as the official code's transformers.Adafactor;
   # 'optax' factors over the two largest axes, only when both are >= 128 (optax's choice).
   config.optim.adafactor_factoring = "transformers"
-  # The exact peak learning rate. Real runs unset it (`placeholder(float)`) to derive it from
-  # the paper's recipe, lr_per_pair × pairs per step × 2000/β; the demo's random UNet needs
-  # a larger step to show learning in 40 steps.
-  config.optim.peak_lr = 1e-6
+  # The exact peak learning rate; unset, it follows the paper's recipe: lr_per_pair × pairs
+  # per step × 2000/β (`optim.peak_learning_rate`).
+  config.optim.peak_lr = config_dict.placeholder(float)
   config.optim.lr_per_pair = 1e-8
   config.optim.warmup_steps = 0
   # After the warmup: 'constant' (the paper's), or 'linear' / 'cosine' decay to 0.

@@ -1,6 +1,6 @@
 """Command line: `python -m dpo_jax.main --config configs/NAME.py --workdir DIR`.
 
-With no --config the embedded default runs: the CPU demo (dpo_jax/default_config.py).
+With no --config the embedded default runs: the CPU demo (configs/demo.py).
 """
 from absl import flags
 

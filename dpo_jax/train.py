@@ -50,6 +50,10 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
     if config.model.unet_init or config.model.vae:
       raise UserError("model.unet_init and model.vae replace parts of model.pretrained; set "
                       "--config.model.pretrained to the pipeline folder too")
+    if not config.model.unet:
+      raise UserError("model.pretrained is not set and model.unet is empty; pass "
+                      "--config.model.pretrained=PIPELINE (a diffusers folder or hub id), or "
+                      "start from a config that sets model.unet (configs/demo.py)")
     unet = unet_lib.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
     return Models(unet, init_params(unet, jax.random.key(config.train.seed)),
                   noise_schedule(diffusion.DEFAULT_SCHEDULER, config))

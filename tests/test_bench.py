@@ -5,14 +5,15 @@ import jax
 import pytest
 from ml_collections import config_dict
 
-from dpo_jax import bench, default_config
+import tiny_config
 import tiny_models
+from dpo_jax import bench, default_config
 from subprocesses import run_module
 
 
 def _tiny_config(reference_pass: str, pairs: int, unet=None) -> config_dict.ConfigDict:
   """The demo's UNet (or `unet`) at 32 px, in float32 (bf16 compiles slower on CPUs)."""
-  config = default_config.get_config()
+  config = tiny_config.demo_config()
   if unet:
     config.model.unet = config_dict.ConfigDict(dict(unet))
   config.data.resolution = 32

@@ -5,11 +5,12 @@ import jax
 import pytest
 import numpy as np
 
-from dpo_jax import default_config, train
+import tiny_config
+from dpo_jax import train
 
 
 def _run(tmp_path, grad_accum: int):
-  config = default_config.get_config()
+  config = tiny_config.demo_config()
   config.train.steps = 2
   config.train.batch_pairs = 8
   config.train.grad_accum = grad_accum

@@ -5,13 +5,14 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import checkpoint, default_config, train
+import tiny_config
+from dpo_jax import checkpoint, train
 from dpo_jax.data import synthetic
 from dpo_jax.errors import UserError
 
 
 def _config():
-  config = default_config.get_config()
+  config = tiny_config.demo_config()
   config.train.steps = 6
   config.train.ckpt_every = 3
   config.train.log_every = 1

@@ -5,11 +5,12 @@ import jax
 import pytest
 import numpy as np
 
-from dpo_jax import default_config, train
+import tiny_config
+from dpo_jax import train
 
 
 def _config(data: int, fsdp: int):
-  config = default_config.get_config()
+  config = tiny_config.demo_config()
   config.train.steps = 4
   config.train.batch_pairs = 8
   config.train.log_every = 1

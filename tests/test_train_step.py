@@ -4,13 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import default_config, optim, parallel, train
+import tiny_config
+from dpo_jax import optim, parallel, train
 from dpo_jax.errors import UserError
 from dpo_jax.train_step import NoiseOptions, make_pair_loss, make_train_step, pair_keys, pair_noise
 
 
 def _step_flops(loss_name: str, reference_pass: str, pairs: int = 4, size: int = 32) -> float:
-  config = default_config.get_config()
+  config = tiny_config.demo_config()
   models = train.load_models(config)
   optimizer = optim.make_optimizer(config)
   state = jax.eval_shape(lambda p: train._initial_state(p, optimizer, config),
@@ -74,7 +75,7 @@ def test_input_perturbation_noises_the_input_only():
 
 
 def test_zero_terminal_snr_and_timestep_sets_are_checked_against_the_schedule():
-  config = default_config.get_config()
+  config = tiny_config.demo_config()
   config.diffusion.zero_terminal_snr = True
   schedule = train.load_models(config).schedule
   assert schedule.alphas_cumprod[-1] == 0.0 and schedule.alphas_cumprod[0] > 0.99
