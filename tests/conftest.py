@@ -8,8 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Compiled programs go to a disk cache that the xdist workers and the tests' subprocesses
-# share: a test that compiles a train step a second time (a resumed run, the same tiny
-# model from the command line) reads it back instead. Compiling dominates CPU test time.
+# share: a test that compiles a train step a second time (a resumed run) reads it back
+# instead. Compiling dominates CPU test time. (Subprocesses compile with most optimisations
+# off, tests/subprocesses.py: they share entries among themselves, not with this process.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "dpo_jax_tests_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
