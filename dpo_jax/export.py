@@ -13,36 +13,22 @@ from dpo_jax.errors import UserError
 
 def export(workdir: str, output: str, step: int | None = None, overwrite: bool = False) -> int:
   """Exports checkpoint `step` (default: newest) of the run in `workdir`; returns the step."""
-  from dpo_jax.checkpoint import Checkpointer  # After flag parsing: JAX is slow to load.
+  from dpo_jax import runs  # After flag parsing: JAX is slow to load.
   from dpo_jax.models import pipeline as pipeline_lib, unet as unet_lib
 
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise UserError(f"{workdir} holds no checkpoints/; pass the --workdir of a training run")
-  checkpointer = Checkpointer(workdir, every=1)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise UserError(f"{workdir}/checkpoints holds no complete checkpoint yet; train first")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise UserError(f"no checkpoint of step {step} in {workdir}; available: "
-                    f"{', '.join(map(str, steps))}")
-  config = checkpointer.restore_config(step)
-  params = checkpointer.restore_params(step)
-  checkpointer.close()
-  if config["model"]["pretrained"]:
-    # The run's UNet config: model.unet_init's when it replaced the pipeline's UNet.
-    pipe = pipeline_lib.load_pipeline(config["model"]["pretrained"],
-                                      variant=config["model"].get("variant"),
-                                      revision=config["model"].get("revision"),
-                                      unet_init=config["model"].get("unet_init"))
-    pipeline_lib.export_pipeline(pipe, params, output, overwrite=overwrite)
+  run = runs.load_run(workdir, step)
+  if run.config["model"]["pretrained"]:
+    # The run's UNet config: model.unet_init's when it replaced the pipeline's UNet. The
+    # pipeline's own VAE is written, not model.vae (which only replaced it for encoding).
+    pipe = runs.run_pipeline({"model": {**run.config["model"], "vae": None}})
+    pipeline_lib.export_pipeline(pipe, run.params, output, overwrite=overwrite)
   else:
     if os.path.isdir(output) and os.listdir(output) and not overwrite:
       raise UserError(f"{output} exists and is not empty; choose another --output or pass "
                       "--overwrite")
-    unet = unet_lib.build_unet(config["model"]["unet"], where="the run's model.unet")
-    unet_lib.save_unet(unet, params, os.path.join(output, "unet"))
-  return step
+    unet = unet_lib.build_unet(run.config["model"]["unet"], where="the run's model.unet")
+    unet_lib.save_unet(unet, run.params, os.path.join(output, "unet"))
+  return run.step
 
 
 def run() -> None:

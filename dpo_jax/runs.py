@@ -1,0 +1,50 @@
+"""A finished (or running) training run read back from its --workdir: the config it was
+trained with and its policy params at a checkpoint step. What export, sample and evaluate
+start from."""
+import dataclasses
+import os
+from typing import Any
+
+from dpo_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  config: dict  # The run's config, as saved with the checkpoint.
+  step: int
+  params: Any  # The policy UNet's float32 params at `step`, on this host's first device.
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+  """Checkpoint `step` (default: the newest) of the run in `workdir`."""
+  from dpo_jax.checkpoint import Checkpointer  # JAX and orbax are slow to load.
+
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"{workdir} holds no checkpoints/; pass the --workdir of a training run")
+  checkpointer = Checkpointer(workdir, every=1)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise UserError(f"{workdir}/checkpoints holds no complete checkpoint yet; train first")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise UserError(f"no checkpoint of step {step} in {workdir}; available: "
+                      f"{', '.join(map(str, steps))}")
+    return Run(checkpointer.restore_config(step), step, checkpointer.restore_params(step))
+  finally:
+    checkpointer.close()
+
+
+def run_pipeline(config: dict, **options):
+  """The diffusers pipeline a run trained from (its model.unet_init UNet, its model.vae):
+  the reference model, whose UNet params a checkpoint's policy replaces."""
+  from dpo_jax.models import pipeline as pipeline_lib
+
+  model = config["model"]
+  if not model.get("pretrained"):
+    raise UserError("the run trained a random UNet without a pipeline (model.pretrained "
+                    "unset): there is no VAE or text encoder to sample or evaluate with")
+  return pipeline_lib.load_pipeline(model["pretrained"], variant=model.get("variant"),
+                                    revision=model.get("revision"),
+                                    unet_init=model.get("unet_init"), vae=model.get("vae"),
+                                    **options)

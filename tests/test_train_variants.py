@@ -1,0 +1,175 @@
+"""`train()` beyond SD DPO in float32: SDXL in the recipe's dtypes (step 1 at exactly ln 2,
+constant or actual time ids) and the SFT baseline (winners' denoising loss, pushed down)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_config
+import tiny_data
+import tiny_models
+from dpo_jax import parallel, precision, train
+from dpo_jax.models import weights
+
+IMAGE_SIZE = 40  # Larger than the resolution (32): the actual original size is not R.
+
+# tiny_models' UNets cut to two levels and one layer a block: each test compiles a whole
+# train step, and these compile in about half the time. SDXL keeps its text_time added
+# conditioning and a transformer depth per block.
+SMALL_UNETS = {
+    "sd": dict(tiny_models.SD15_UNET, layers_per_block=1, block_out_channels=(32, 64),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "sdxl": dict(tiny_models.SDXL_UNET, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                 transformer_layers_per_block=(1, 2)),
+}
+
+
+def _write_files(kind: str, folder):
+  pipe = tiny_models.make_pipeline(kind)
+  pipe = type(pipe)(**{**pipe.components, "unet": tiny_models.make_unet(SMALL_UNETS[kind])})
+  pipe.save_pretrained(folder / "pipeline")
+  tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=8, seed=0, size=IMAGE_SIZE)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_files(tmp_path_factory):
+  return _write_files("sdxl", tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="module")
+def sd_files(tmp_path_factory):
+  return _write_files("sd", tmp_path_factory.mktemp("sd"))
+
+
+def _config(folder, **train_options):
+  config = tiny_config.get_config()
+  config.model.pretrained = str(folder / "pipeline")
+  config.data.train_files = str(folder / "train.parquet")
+  config.train.update(dict(steps=3, ckpt_every=1000) | train_options)
+  return config
+
+
+def _sdxl_recipe_config(folder, **train_options):
+  config = _config(folder, **train_options)
+  config.model.compute_dtype = config.model.reference_dtype = "bfloat16"
+  return config
+
+
+def _logged(workdir) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_trees(expected, actual):
+  expected, actual = (weights.params_to_state_dict(tree) for tree in (expected, actual))
+  assert sorted(expected) == sorted(actual)
+  for key in expected:
+    assert expected[key].dtype == actual[key].dtype, key
+    np.testing.assert_array_equal(expected[key], actual[key], err_msg=key)
+
+
+def _moved(before, after) -> list[str]:
+  """The state-dict keys whose values differ between two param trees."""
+  before, after = (weights.params_to_state_dict(tree) for tree in (before, after))
+  return [key for key in before if not np.array_equal(before[key], after[key])]
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(sdxl_files, tmp_path_factory):
+  """3 steps of DPO on the tiny SDXL pipeline, UNet and reference in bfloat16."""
+  config = _sdxl_recipe_config(sdxl_files)
+  assert config.data.sdxl_time_ids == "constant"  # The default, as the official code.
+  workdir = tmp_path_factory.mktemp("sdxl_run")
+  state = train.train(config, str(workdir), jax.devices()[:1])
+  return config, state, _logged(workdir)
+
+
+@pytest.mark.slow
+def test_sdxl_in_bfloat16_starts_at_exactly_ln2_with_half_the_pairs_right(sdxl_run):
+  _, _, records = sdxl_run
+  assert [r["step"] for r in records] == [1, 2, 3]
+  first = records[0]
+  # Policy and reference are the same weights in the same dtypes, run by one body: their
+  # errors are equal bit for bit, so every pair ties (inside = 0) whatever bfloat16 rounds.
+  assert abs(first["loss"] - np.log(2)) < 1e-6, first
+  assert first["implicit_acc"] == 0.5
+  assert first["policy_error_winner"] == first["reference_error_winner"]
+  assert first["policy_error_loser"] == first["reference_error_loser"]
+  assert first["reward_margin"] == 0.0
+  assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in records)
+  assert first["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_sdxl_training_moves_the_policy_and_never_the_bfloat16_reference(sdxl_run):
+  config, state, _ = sdxl_run
+  assert int(state.step) == 3
+  initial = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32),
+                                   train.load_models(config).initial_params)
+  reference = precision.reference_params(initial, config.model.reference_dtype)
+  _assert_same_trees(jax.device_get(reference), jax.device_get(state.reference_params))
+  # The rounded leaves (Dense and Conv) are stored in bfloat16, the others in float32.
+  dtypes = {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(state.reference_params)}
+  assert dtypes == {"bfloat16", "float32"}
+  # Every policy tensor moved (AdamW's decay alone moves any non-zero one), the added
+  # (time ids and pooled text) embedding's too.
+  moved = _moved(initial, jax.device_get(state.params))
+  policy = weights.params_to_state_dict(initial)
+  assert moved == list(policy), sorted(set(policy) - set(moved))
+  assert "add_embedding.linear_1.weight" in moved
+
+
+@pytest.mark.slow
+def test_sdxl_actual_time_ids_condition_the_unet_on_the_images_sizes(sdxl_files, sdxl_run,
+                                                                     tmp_path):
+  """The same pairs (40 px images at resolution 32), noise and weights with
+  data.sdxl_time_ids='actual': the UNet is conditioned on (40, 40, 0, 0, 32, 32) instead of
+  the constant (32, 32, 0, 0, 32, 32), so step 1's errors and gradient differ; only the
+  loss stays ln 2 (policy and reference still see the same inputs)."""
+  _, _, constant = sdxl_run
+  config = _sdxl_recipe_config(sdxl_files, steps=1)
+  config.data.sdxl_time_ids = "actual"
+  train.train(config, str(tmp_path), jax.devices()[:1])
+  (actual,) = _logged(tmp_path)
+  assert abs(actual["loss"] - np.log(2)) < 1e-6 and actual["implicit_acc"] == 0.5
+  for name in ("policy_error_winner", "policy_error_loser", "grad_norm"):
+    assert np.isfinite(actual[name])
+    assert abs(actual[name] - constant[0][name]) > 1e-4 * abs(constant[0][name]), name
+
+
+@pytest.mark.slow
+def test_sft_trains_on_the_winners_denoising_loss_and_lowers_it(sd_files, tmp_path):
+  config = _config(sd_files)
+  config.dpo.loss = "sft"
+  state = train.train(config, str(tmp_path / "run"), jax.devices()[:1])
+  records = _logged(tmp_path / "run")
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for record in records:
+    trained = {k for k in record if k not in ("step", "lr", "pairs_per_sec")
+               and not k.startswith("data_")}
+    # SFT's metrics (loss.sft_loss) and the step's grad_norm; no reference, no losers.
+    assert trained == {"loss", "policy_error_winner", "grad_norm"}, record
+    assert record["loss"] == record["policy_error_winner"]
+    assert np.isfinite(record["loss"]) and record["loss"] > 0 and record["grad_norm"] > 0
+  models = train.load_models(config)
+  assert len(_moved(models.initial_params, jax.device_get(state.params))) > 0
+
+  # Step 1's pairs again, their losers' pixels made NaN: SFT never reads them. Stepped on
+  # again and again, the batch's loss (each step's taken before its update) falls, from
+  # step 1's loss in the run: the winners' denoising error, under the same noise.
+  state, program = train.build_program(config, models, parallel.make_mesh(-1, 1,
+                                                                          jax.devices()[:1]))
+  host_batch = next(train.make_data_iterator(config, models))
+  host_batch["pixels"][:, 1] = np.nan
+  batch = program.step_input(host_batch)
+  losses = []
+  for _ in range(4):
+    state, metrics = program.step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+    assert np.isfinite(float(metrics["grad_norm"])), losses
+  assert losses[0] == records[0]["loss"]
+  assert all(after < before for before, after in zip(losses, losses[1:])), losses
