@@ -52,6 +52,7 @@ def _config(folder, **data):
   return config
 
 
+@pytest.mark.slow  # Compiles the train step twice per kind (a minute each here).
 def test_training_from_the_cache_gives_the_raw_loss_for_the_same_noise(kind_and_files, tmp_path):
   kind, folder = kind_and_files
   config = _config(folder)
