@@ -34,9 +34,9 @@ def dpo_loss(policy_errors: jax.Array, reference_errors: jax.Array, beta: float)
   reference_errors = jax.lax.stop_gradient(reference_errors)
   policy_w, policy_l = _winners_losers(policy_errors)
   reference_w, reference_l = _winners_losers(reference_errors)
-  inside = -0.5 * beta * ((policy_w - policy_l) - (reference_w - reference_l))
+  inside = 0.5 * beta * implicit_margins(policy_errors, reference_errors)
   loss = -jnp.mean(jax.nn.log_sigmoid(inside))
-  implicit_acc = jnp.mean(jnp.where(inside == 0, 0.5, (inside > 0).astype(jnp.float32)))
+  implicit_acc = implicit_accuracy(inside)
   metrics = {
       "loss": loss,
       "implicit_acc": implicit_acc,
@@ -47,6 +47,20 @@ def dpo_loss(policy_errors: jax.Array, reference_errors: jax.Array, beta: float)
       "reference_error_loser": jnp.mean(reference_l),
   }
   return loss, metrics
+
+
+def implicit_margins(policy_errors: jax.Array, reference_errors: jax.Array) -> jax.Array:
+  """Per pair [B], the DPO inside term without β/2: −((L_w − L_l)_policy − (L_w − L_l)_ref).
+  Positive when the policy prefers the winner more than the reference does."""
+  policy_w, policy_l = _winners_losers(policy_errors)
+  reference_w, reference_l = _winners_losers(reference_errors)
+  return -((policy_w - policy_l) - (reference_w - reference_l))
+
+
+def implicit_accuracy(margins) -> jax.Array:
+  """The share of pairs with a positive margin, a tie (0) counting ½ (as `dpo_loss`)."""
+  margins = jnp.asarray(margins)
+  return jnp.mean(jnp.where(margins == 0, 0.5, (margins > 0).astype(jnp.float32)))
 
 
 def sft_loss(winner_errors: jax.Array):

@@ -152,18 +152,6 @@ def make_encode_step(encoders: encode.Encoders, *, images: int = 2, grad_accum: 
                  out_shardings=batch_sharding)
 
 
-def make_eval_step(pair_loss: Callable, encoders: encode.Encoders | None = None) -> Callable:
-  """`eval_step(state, frozen, batch) -> metrics` of the policy against the reference; pixel
-  batches are encoded first by `encoders` with `frozen` params."""
-
-  def eval_step(state, frozen, batch):
-    if "pixels" in batch:
-      batch = encode.encoded_batch(encoders, frozen, batch)
-    return pair_loss(state.params, state.reference_params, batch)[1]
-
-  return jax.jit(eval_step)
-
-
 def make_train_step(pair_loss: Callable, optimizer: optax.GradientTransformation, *,
                     grad_accum: int = 1, state_shardings,
                     batch_sharding: jax.sharding.NamedSharding) -> Callable:

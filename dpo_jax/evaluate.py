@@ -1,0 +1,146 @@
+"""`python -m dpo_jax.evaluate --workdir DIR [--step N] --pairs FILE --output eval.json`:
+held-out implicit reward accuracy of a run's policy against its reference.
+
+The paper's Table-2 protocol: for each held-out pair, the DPO inside term
+−((L_w − L_l)_policy − (L_w − L_l)_ref) is averaged over K draws of (t, ε) (`--draws`, 8 by
+default); the pair counts as right when that average is > 0, ½ on a tie (a policy equal to
+its reference scores exactly ½). Draw k of pair p uses the key (seed, k, pair id), so the
+result does not depend on the batch size or the device count. β only scales the term, so
+the accuracy does not depend on it.
+
+Pairs come in any training format (`--pairs` a Pick-a-Pic parquet, a JSONL, or a glob),
+prepared deterministically: centre crop, no flip, every caption kept.
+"""
+import json
+import os
+
+import numpy as np
+from absl import flags
+
+from dpo_jax import cli
+from dpo_jax.errors import UserError
+
+
+def _data_format(path: str) -> str:
+  suffix = os.path.splitext(path.split(",")[0])[1].lower()
+  formats = {".parquet": "pickapic", ".jsonl": "jsonl"}
+  if suffix not in formats:
+    raise UserError(f"--pairs {path}: give Pick-a-Pic .parquet files or a .jsonl of "
+                    '{"prompt", "chosen", "rejected"} lines')
+  return formats[suffix]
+
+
+def eval_config(run_config: dict, pairs: str):
+  """The run's config, reading `pairs` deterministically (no crop jitter, flips or dropped
+  prompts) in their own format."""
+  import ml_collections
+  config = ml_collections.ConfigDict(run_config)
+  config.data.update(train_files=pairs, format=_data_format(pairs), random_crop=False,
+                     random_flip=False, empty_prompt_prob=0.0, cache_dir=None,
+                     max_train_pairs=None, tfds_name=None)
+  return config
+
+
+def implicit_accuracy(config, pipe, policy_params, *, draws: int = 8, batch_pairs: int = 8,
+                      seed: int = 0, devices=None) -> dict:
+  """Held-out implicit accuracy of `policy_params` against `pipe`'s UNet (the reference, in
+  `model.reference_dtype`) on `config.data.train_files`, in `config`'s compute dtype."""
+  import jax
+  import jax.numpy as jnp
+
+  from dpo_jax import encode, loss as losses, parallel, precision, train
+  from dpo_jax.data import loader, skips
+  from dpo_jax.train_step import NoiseOptions, make_pair_errors
+
+  if draws < 1:
+    raise UserError(f"--draws must be >= 1, got {draws}")
+  encoders, frozen = encode.pipeline_encoders(pipe)
+  schedule = train.noise_schedule(pipe.scheduler_config, config)
+  pair_errors = make_pair_errors(
+      pipe.unet, schedule, seed=seed, encoders=encoders,
+      compute_dtype=config.model.compute_dtype,
+      noise=NoiseOptions(timesteps=train.noise_options(config).timesteps),
+      reference_pass=config.dpo.reference_pass, sdxl_time_ids=config.data.sdxl_time_ids)
+  reference = precision.reference_params(
+      jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), pipe.unet_params),
+      config.model.reference_dtype)
+
+  devices = devices or jax.local_devices()
+  batch_pairs = -(-batch_pairs // len(devices)) * len(devices)
+  sharding = parallel.batch_sharding(parallel.make_mesh(-1, 1, devices))
+  replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+  def margins(policy, reference, frozen, batch):
+    errors = pair_errors(policy, reference, encode.encoded_batch(encoders, frozen, batch))
+    return losses.implicit_margins(*errors)
+
+  margins = jax.jit(margins, in_shardings=(replicated, replicated, replicated, sharding))
+  policy, reference, frozen = jax.device_put((policy_params, reference, frozen), replicated)
+  source = loader.make_source(config.data)
+  batches = loader.make_prepare_iterator(config, source, pipe.tokenizers,
+                                         batch_pairs=batch_pairs, process_index=0,
+                                         process_count=1)
+  totals = []
+  for batch in batches:
+    rows = len(batch["pair_ids"])
+    padded = {k: v[np.minimum(np.arange(batch_pairs), rows - 1)] for k, v in batch.items()}
+    total = np.zeros(rows)
+    for draw in range(draws):  # The draw index is the epoch folded into each pair's key.
+      padded["epochs"] = np.full(batch_pairs, draw, np.int32)
+      total += np.asarray(margins(policy, reference, frozen,
+                                  jax.device_put(padded, sharding)))[:rows]
+    totals.append(total / draws)
+  counts = batches.counts
+  if not totals:
+    raise UserError(f"no usable pair in {config.data.train_files} "
+                    f"({skips.describe(skips.add(counts, source.skipped_at_start))})")
+  mean_margins = np.concatenate(totals)
+  return {"implicit_acc": float(losses.implicit_accuracy(mean_margins)),
+          "pairs": int(mean_margins.size), "draws": draws, "ties": int((mean_margins == 0).sum()),
+          "mean_margin": float(mean_margins.mean()), "seed": seed,
+          "skipped": {k: v for k, v in skips.add(counts, source.skipped_at_start).items()
+                      if k != "kept" and v}}
+
+
+def evaluate_run(workdir: str, pairs: str, *, step: int | None = None, **options) -> dict:
+  """`implicit_accuracy` of the run in `workdir` at checkpoint `step` (default: newest)."""
+  import jax.numpy as jnp
+
+  from dpo_jax import runs
+  run = runs.load_run(workdir, step)
+  config = eval_config(run.config, pairs)
+  pipe = runs.run_pipeline(
+      run.config, dtype=jnp.dtype(config.model.compute_dtype),
+      vae_dtype=jnp.dtype(config.model.vae_dtype),
+      text_encoder_dtype=jnp.dtype(config.model.text_encoder_dtype))
+  return {**implicit_accuracy(config, pipe, run.params, **options), "step": run.step,
+          "workdir": workdir, "pairs_file": pairs}
+
+
+def run() -> None:
+  workdir = flags.DEFINE_string("workdir", None, "The training run to evaluate.")
+  step = flags.DEFINE_integer("step", None, "Its checkpoint step (default: the newest).")
+  pairs = flags.DEFINE_string("pairs", None, "Held-out pairs: Pick-a-Pic parquet or JSONL.")
+  output = flags.DEFINE_string("output", None, "Where to write the JSON result.")
+  draws = flags.DEFINE_integer("draws", 8, "(t, ε) draws averaged per pair (Table 2).")
+  batch_pairs = flags.DEFINE_integer("batch_pairs", 8, "Pairs per compiled batch.")
+  seed = flags.DEFINE_integer("seed", 0, "Seed of the (t, ε) draws.")
+
+  def command(argv):
+    if len(argv) > 1:
+      raise UserError(f"unexpected argument {argv[1]!r}; run with --help for the options")
+    if not workdir.value or not pairs.value:
+      raise UserError("--workdir and --pairs are both required")
+    result = evaluate_run(workdir.value, pairs.value, step=step.value, draws=draws.value,
+                          batch_pairs=batch_pairs.value, seed=seed.value)
+    if output.value:
+      os.makedirs(os.path.dirname(os.path.abspath(output.value)), exist_ok=True)
+      with open(output.value, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+
+  cli.run(command)
+
+
+if __name__ == "__main__":
+  run()
