@@ -1,5 +1,11 @@
-"""`python -m dpo_jax.evaluate --workdir DIR [--step N] --pairs FILE --output eval.json`:
-held-out implicit reward accuracy of a run's policy against its reference.
+"""`python -m dpo_jax.evaluate --workdir DIR [--step N] [--pairs FILE] [--prompts FILE
+--scorer KIND=FOLDER ...] --output eval.json`: a run's policy against its reference.
+
+`--pairs`: held-out implicit reward accuracy.
+`--prompts`: images of the tuned and the reference model with paired seeds, scored by each
+`--scorer`; per model the median and mean score, the tuned-vs-reference win rate with a 95%
+bootstrap interval over prompts; beside eval.json: samples/, grid.png (reference above,
+tuned below) and report.md.
 
 The paper's Table-2 protocol: for each held-out pair, the DPO inside term
 −((L_w − L_l)_policy − (L_w − L_l)_ref) is averaged over K draws of (t, ε) (`--draws`, 8 by
@@ -117,11 +123,98 @@ def evaluate_run(workdir: str, pairs: str, *, step: int | None = None, **options
           "workdir": workdir, "pairs_file": pairs}
 
 
+def parse_scorer(spec: str) -> tuple[str, dict]:
+  """'KIND=FOLDER[,processor=FOLDER][,mlp=FILE]' -> (kind, `scorers.load_scorer` options)."""
+  kind, _, rest = spec.partition("=")
+  if not rest:
+    raise UserError(f"--scorer {spec!r}: write KIND=FOLDER, e.g. pickscore=/models/PickScore_v1"
+                    ",processor=/models/CLIP-ViT-H-14 or aesthetic=/models/clip-vit-large-"
+                    "patch14,mlp=/models/sac+logos+ava1-l14-linearMSE.safetensors")
+  folder, *extras = rest.split(",")
+  options = {"folder": folder}
+  for extra in extras:
+    key, _, value = extra.partition("=")
+    if key not in ("processor", "mlp") or not value:
+      raise UserError(f"--scorer {spec!r}: unknown option {extra!r}; use processor=FOLDER or "
+                      "mlp=FILE")
+    options["processor_folder" if key == "processor" else "mlp_path"] = value
+  return kind, options
+
+
+def _score(scorer, images: np.ndarray, prompts, batch: int) -> np.ndarray:
+  """Scores in fixed-size batches (the last padded), so the scorer compiles once."""
+  out = []
+  for start in range(0, len(images), batch):
+    rows = np.minimum(np.arange(start, start + batch), len(images) - 1)
+    out.append(scorer(images[rows], [prompts[i] for i in rows])[:len(images) - start])
+  return np.concatenate(out)
+
+
+def compare_models(pipe, policy_params, prompts, scorers: dict, *, seed: int = 0,
+                   steps: int = 50, guidance_scale: float = 7.5, batch: int = 8,
+                   resolution: int | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+  """Samples `prompts` from the policy and from `pipe`'s own UNet (the reference) with
+  seeds seed + i, scores both with each scorer; returns (result, reference, tuned images)."""
+  from dpo_jax import compare, sample
+  seeds = [seed + i for i in range(len(prompts))]
+  generate = sample.make_generator(pipe, pipe.unet_params, steps=steps,
+                                   guidance_scale=guidance_scale, resolution=resolution,
+                                   batch=batch)
+  reference = generate(prompts, seeds)
+  tuned = generate(prompts, seeds, unet_params=policy_params)
+  result = {"prompts": len(prompts), "seeds": [seeds[0], seeds[-1]], "steps": steps,
+            "guidance": guidance_scale, "scorers": {}}
+  for name, scorer in scorers.items():
+    tuned_scores = _score(scorer, tuned, prompts, batch)
+    reference_scores = _score(scorer, reference, prompts, batch)
+    rate, interval = compare.win_rate(tuned_scores, reference_scores, seed=seed)
+    result["scorers"][name] = {
+        "tuned": compare.summary(tuned_scores), "reference": compare.summary(reference_scores),
+        "win_rate": rate, "win_rate_ci95": list(interval)}
+  return result, reference, tuned
+
+
+def evaluate_prompts(workdir: str, prompts_file: str, scorer_specs, output: str, *,
+                     step: int | None = None, limit: int | None = None, **options) -> dict:
+  """`compare_models` for the run in `workdir`; writes the samples, grid.png and report.md
+  in `output`'s folder."""
+  from PIL import Image
+
+  from dpo_jax import compare, runs, sample, scorers as scorers_lib
+  from dpo_jax.data import prompts as prompts_lib
+  if not scorer_specs:
+    raise UserError("--prompts needs at least one --scorer KIND=FOLDER to judge the images")
+  prompts = prompts_lib.read_prompts(prompts_file)[:limit]
+  scorers = {}
+  for spec in scorer_specs:
+    kind, scorer_options = parse_scorer(spec)
+    scorers[kind] = scorers_lib.load_scorer(scorer_options.pop("folder"), kind, **scorer_options)
+  run = runs.load_run(workdir, step)
+  pipe = runs.run_pipeline(run.config)
+  result, reference, tuned = compare_models(pipe, run.params, prompts, scorers, **options)
+  folder = os.path.dirname(os.path.abspath(output))
+  seeds = list(range(result["seeds"][0], result["seeds"][1] + 1))
+  for name, images in (("reference", reference), ("tuned", tuned)):
+    sample.write_images(images, prompts, seeds, os.path.join(folder, "samples", name))
+  Image.fromarray(compare.side_by_side(reference, tuned)).save(os.path.join(folder, "grid.png"))
+  result.update(step=run.step, workdir=workdir, prompts_file=prompts_file,
+                model=f"{workdir} step {run.step}", reference=run.config["model"]["pretrained"])
+  return result
+
+
 def run() -> None:
   workdir = flags.DEFINE_string("workdir", None, "The training run to evaluate.")
   step = flags.DEFINE_integer("step", None, "Its checkpoint step (default: the newest).")
   pairs = flags.DEFINE_string("pairs", None, "Held-out pairs: Pick-a-Pic parquet or JSONL.")
-  output = flags.DEFINE_string("output", None, "Where to write the JSON result.")
+  prompts = flags.DEFINE_string("prompts", None, "Prompts to sample both models on "
+                                "(dpo_jax/data/prompts.py formats).")
+  scorer = flags.DEFINE_multi_string("scorer", [], "KIND=FOLDER[,processor=FOLDER][,mlp=FILE]; "
+                                     "KIND: clip, clip_torchmetrics, pickscore, aesthetic.")
+  limit = flags.DEFINE_integer("limit", None, "Only the first N prompts.")
+  steps = flags.DEFINE_integer("steps", 50, "DDIM steps.")
+  guidance = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale.")
+  output = flags.DEFINE_string("output", None, "Where to write the JSON result (the report, "
+                               "grid and samples go beside it).")
   draws = flags.DEFINE_integer("draws", 8, "(t, ε) draws averaged per pair (Table 2).")
   batch_pairs = flags.DEFINE_integer("batch_pairs", 8, "Pairs per compiled batch.")
   seed = flags.DEFINE_integer("seed", 0, "Seed of the (t, ε) draws.")
@@ -129,12 +222,26 @@ def run() -> None:
   def command(argv):
     if len(argv) > 1:
       raise UserError(f"unexpected argument {argv[1]!r}; run with --help for the options")
-    if not workdir.value or not pairs.value:
-      raise UserError("--workdir and --pairs are both required")
-    result = evaluate_run(workdir.value, pairs.value, step=step.value, draws=draws.value,
-                          batch_pairs=batch_pairs.value, seed=seed.value)
+    if not workdir.value or not (pairs.value or prompts.value):
+      raise UserError("--workdir and one of --pairs or --prompts are required")
+    if prompts.value and not output.value:
+      raise UserError("--prompts writes images and a report: pass --output DIR/eval.json")
+    result = {}
     if output.value:
       os.makedirs(os.path.dirname(os.path.abspath(output.value)), exist_ok=True)
+    if prompts.value:
+      result = evaluate_prompts(workdir.value, prompts.value, scorer.value, output.value,
+                                step=step.value, limit=limit.value, seed=seed.value,
+                                steps=steps.value, guidance_scale=guidance.value)
+    if pairs.value:
+      result.update(evaluate_run(workdir.value, pairs.value, step=step.value, draws=draws.value,
+                                 batch_pairs=batch_pairs.value, seed=seed.value))
+    if prompts.value:
+      from dpo_jax import compare
+      with open(os.path.join(os.path.dirname(os.path.abspath(output.value)), "report.md"),
+                "w") as f:
+        f.write(compare.report_markdown(result))
+    if output.value:
       with open(output.value, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result))

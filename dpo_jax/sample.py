@@ -35,7 +35,8 @@ def default_resolution(pipe) -> int:
 
 def make_generator(pipe, unet_params, *, steps: int = 50, guidance_scale: float = 7.5,
                    resolution: int | None = None, batch: int = 8, strength: float | None = None):
-  """`generate(prompts, seeds, images=None) -> uint8 [N, H, W, 3]`: text-to-image, or SDEdit
+  """`generate(prompts, seeds, images=None, unet_params=...) -> uint8 [N, H, W, 3]`:
+  text-to-image, or SDEdit
   from `images` (float32 [N, H, W, 3] in [-1, 1]) when `strength` is set. One compiled
   program for every batch (the last is padded); the batch is split over this host's
   devices."""
@@ -86,7 +87,9 @@ def make_generator(pipe, unet_params, *, steps: int = 50, guidance_scale: float 
   unet_params, frozen = jax.device_put((unet_params, frozen), replicated)
   uncond_ids = encode.tokenize_prompts(pipe.tokenizers, [""] * batch)
 
-  def generate(prompts, seeds, images=None):
+  def generate(prompts, seeds, images=None, unet_params=unet_params):
+    """`unet_params` (default: the generator's) may be any params of the same UNet, e.g.
+    a reference and a tuned policy through one compiled program."""
     if (images is None) != (strength is None):
       raise UserError("SDEdit needs both --images and --strength; text-to-image neither")
     out = []

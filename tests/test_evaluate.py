@@ -8,7 +8,7 @@ import subprocesses
 import tiny_config
 import tiny_data
 import tiny_models
-from dpo_jax import evaluate, loss
+from dpo_jax import compare, evaluate, loss, scorers
 from dpo_jax.errors import UserError
 from dpo_jax.models import pipeline as pipeline_lib
 
@@ -58,7 +58,49 @@ def test_pairs_format_and_command_line_errors(tmp_path):
   with pytest.raises(UserError, match="parquet"):
     evaluate.eval_config(tiny_config.get_config().to_dict(), "pairs.csv")
   done = subprocesses.run_module("dpo_jax.evaluate", f"--workdir={tmp_path}", timeout=120)
-  assert done.returncode == 2 and "--pairs are both required" in done.stderr
+  assert done.returncode == 2 and "one of --pairs or --prompts" in done.stderr
   done = subprocesses.run_module("dpo_jax.evaluate", f"--workdir={tmp_path}",
                                  "--pairs=x.parquet", timeout=120)
   assert done.returncode == 2 and "holds no checkpoints" in done.stderr
+
+
+def test_win_rate_and_its_interval_by_hand():
+  rate, (low, high) = compare.win_rate(np.array([3.0, 1, 2, 2]), np.array([1.0, 2, 2, 0]))
+  assert rate == 0.625  # Wins 1, 0, ½ (a tie), 1.
+  assert 0 <= low < rate < high <= 1
+  assert compare.win_rate(np.ones(5), np.ones(5)) == (0.5, (0.5, 0.5))
+  assert compare.win_rate(np.ones(40), np.zeros(40))[1] == (1.0, 1.0)
+  grid = compare.side_by_side(np.zeros((3, 4, 4, 3), np.uint8), np.ones((3, 4, 4, 3), np.uint8))
+  assert grid.shape == (12, 20, 3) and grid[:4, :4].max() == 0 and grid[8:, :4].min() == 1
+
+
+def test_scorer_specs():
+  assert evaluate.parse_scorer("aesthetic=/m/clip,mlp=/m/a.safetensors") == (
+      "aesthetic", {"folder": "/m/clip", "mlp_path": "/m/a.safetensors"})
+  assert evaluate.parse_scorer("pickscore=/m/ps,processor=/m/p")[1]["processor_folder"] == "/m/p"
+  for bad in ("pickscore", "clip=/m,size=3"):
+    with pytest.raises(UserError, match="--scorer"):
+      evaluate.parse_scorer(bad)
+
+
+def test_compare_models_scores_paired_samples(setup, tmp_path):
+  _, pipe = setup
+  from test_scorers import make_scorer_folder
+  _, _, folder, _ = make_scorer_folder(tmp_path)
+  scorer = scorers.load_scorer(str(folder), "clip")
+  prompts = ["a cat", "a photo", "dog"]
+  options = dict(steps=2, batch=2, seed=4)
+  same, reference, tuned = evaluate.compare_models(pipe, pipe.unet_params, prompts,
+                                                   {"clip": scorer}, **options)
+  np.testing.assert_array_equal(reference, tuned)  # The same model: every prompt a tie.
+  assert same["scorers"]["clip"]["win_rate"] == 0.5
+  assert same["scorers"]["clip"]["win_rate_ci95"] == [0.5, 0.5]
+  policy = jax.tree_util.tree_map(lambda p: p * 1.1, pipe.unet_params)
+  result, reference, tuned = evaluate.compare_models(pipe, policy, prompts, {"clip": scorer},
+                                                     **options)
+  expected = scorer(tuned, prompts), scorer(reference, prompts)
+  assert result["scorers"]["clip"]["win_rate"] == compare.wins(*expected).mean()
+  assert result["scorers"]["clip"]["tuned"]["mean"] == pytest.approx(expected[0].mean(),
+                                                                     abs=1e-6)
+  assert (result["prompts"], result["seeds"], result["steps"]) == (3, [4, 6], 2)
+  assert "| clip |" in compare.report_markdown({**result, "model": "m", "reference": "r"})

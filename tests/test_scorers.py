@@ -116,9 +116,9 @@ class AestheticMLP(torch.nn.Module):
     return self.layers(x)
 
 
-@pytest.fixture(scope="module")
-def scorer_folder(tmp_path_factory):
-  """A tiny random CLIPModel + tokenizer + processor config, and an aesthetic MLP."""
+def make_scorer_folder(folder):
+  """A tiny random CLIPModel + tokenizer + processor config in `folder`, and an aesthetic
+  MLP: (model, mlp, folder, mlp path)."""
   vocab = tiny_models.CLIP_VOCAB
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
@@ -132,7 +132,6 @@ def scorer_folder(tmp_path_factory):
   model = tiny_models.perturb_(transformers.CLIPModel(config), scale=0.3).eval()
   with torch.no_grad():
     model.logit_scale.fill_(LOGIT_SCALE)
-  folder = tmp_path_factory.mktemp("scorer")
   model.save_pretrained(folder)
   tiny_models.make_clip_tokenizer(pad_token="!").save_pretrained(folder)  # As laion's.
   _write_processor(folder)
@@ -140,6 +139,11 @@ def scorer_folder(tmp_path_factory):
   mlp_path = str(folder / "aesthetic.safetensors")
   safetensors.torch.save_file(mlp.state_dict(), mlp_path)  # What MLP_CONVERSION writes.
   return model, mlp, folder, mlp_path
+
+
+@pytest.fixture(scope="module")
+def scorer_folder(tmp_path_factory):
+  return make_scorer_folder(tmp_path_factory.mktemp("scorer"))
 
 
 def _oracle_embeddings(model, folder, images, prompts):
