@@ -45,6 +45,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.diffusion[key] >= 0:
       raise UserError(f"diffusion.{key} must be >= 0, got {config.diffusion[key]}")
   timesteps(config)
+  from dpo_jax import validation  # Its own keys' rules live with it.
+  validation.check(config)
   if config.data.resolution % 8:
     raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
                     "VAE downsamples by 8)")

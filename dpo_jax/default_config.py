@@ -103,6 +103,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.process_id = config_dict.placeholder(int)
   config.distributed.multi_process = config_dict.placeholder(bool)
 
+  # In-training validation (dpo_jax/validation.py), every `every` steps and at the end; 0: off.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every = 0
+  config.eval.pairs = config_dict.placeholder(str)  # Held-out pairs: implicit accuracy.
+  config.eval.draws = 4  # (t, ε) draws averaged per held-out pair.
+  config.eval.prompts = config_dict.placeholder(str)  # A prompts file: the sample grid.
+  config.eval.prompts_limit = 8  # Its first N prompts.
+  config.eval.sample_steps = 25  # DDIM steps of the grid's samples.
+  config.eval.guidance = 7.5
+  # Scorers of the grid's samples, `evaluate --scorer` specs separated by ';', e.g.
+  # 'pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14;clip=/models/CLIP-ViT-H-14'.
+  config.eval.scorers = config_dict.placeholder(str)
+  config.eval.seed = 0  # Seeds of the held-out draws and of the grid's images (seed + i).
+
   # How each pair's (t, ε) is drawn; the defaults are the paper's.
   config.diffusion = ml_collections.ConfigDict()
   # Comma-separated timesteps to draw t from, uniformly; unset: every training timestep.

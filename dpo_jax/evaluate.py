@@ -47,65 +47,94 @@ def eval_config(run_config: dict, pairs: str):
   return config
 
 
+class HeldOutPairs:
+  """Held-out implicit accuracy of any policy against any reference of `pipe`'s UNet on
+  `config.data.train_files` (read anew on each call), compiled once; in `config`'s compute
+  dtype, on `devices` (default: this host's)."""
+
+  def __init__(self, config, pipe, *, draws: int = 8, batch_pairs: int = 8, seed: int = 0,
+               devices=None):
+    import jax
+
+    from dpo_jax import encode, loss as losses, parallel, train
+    from dpo_jax.train_step import NoiseOptions, make_pair_errors
+
+    if draws < 1:
+      raise UserError(f"--draws must be >= 1, got {draws}")
+    self._config, self._pipe, self.draws, self.seed = config, pipe, draws, seed
+    encoders, self._frozen = encode.pipeline_encoders(pipe)
+    pair_errors = make_pair_errors(
+        pipe.unet, train.noise_schedule(pipe.scheduler_config, config), seed=seed,
+        encoders=encoders, compute_dtype=config.model.compute_dtype,
+        noise=NoiseOptions(timesteps=train.noise_options(config).timesteps),
+        reference_pass=config.dpo.reference_pass, sdxl_time_ids=config.data.sdxl_time_ids)
+    devices = devices or jax.local_devices()
+    self._batch_pairs = -(-batch_pairs // len(devices)) * len(devices)
+    self._sharding = parallel.batch_sharding(parallel.make_mesh(-1, 1, devices))
+    self._replicated = jax.sharding.NamedSharding(self._sharding.mesh,
+                                                  jax.sharding.PartitionSpec())
+
+    def margins(policy, reference, frozen, batch):
+      errors = pair_errors(policy, reference, encode.encoded_batch(encoders, frozen, batch))
+      return losses.implicit_margins(*errors)
+
+    replicated = self._replicated
+    self._margins = jax.jit(margins, in_shardings=(replicated, replicated, replicated,
+                                                   self._sharding))
+
+  def __call__(self, policy_params, reference_params) -> dict:
+    import jax
+
+    from dpo_jax import loss as losses
+    from dpo_jax.data import loader, skips
+
+    policy, reference, frozen = jax.device_put((policy_params, reference_params, self._frozen),
+                                               self._replicated)
+    source = loader.make_source(self._config.data)
+    batches = loader.make_prepare_iterator(self._config, source, self._pipe.tokenizers,
+                                           batch_pairs=self._batch_pairs, process_index=0,
+                                           process_count=1)
+    totals = []
+    for batch in batches:
+      rows = len(batch["pair_ids"])
+      padded = {k: v[np.minimum(np.arange(self._batch_pairs), rows - 1)]
+                for k, v in batch.items()}
+      total = np.zeros(rows)
+      for draw in range(self.draws):  # The draw index is the epoch folded into the keys.
+        padded["epochs"] = np.full(self._batch_pairs, draw, np.int32)
+        total += np.asarray(self._margins(policy, reference, frozen,
+                                          jax.device_put(padded, self._sharding)))[:rows]
+      totals.append(total / self.draws)
+    counts = skips.add(batches.counts, source.skipped_at_start)
+    if not totals:
+      raise UserError(f"no usable pair in {self._config.data.train_files} "
+                      f"({skips.describe(counts)})")
+    mean_margins = np.concatenate(totals)
+    return {"implicit_acc": float(losses.implicit_accuracy(mean_margins)),
+            "pairs": int(mean_margins.size), "draws": self.draws,
+            "ties": int((mean_margins == 0).sum()), "mean_margin": float(mean_margins.mean()),
+            "seed": self.seed,
+            "skipped": {k: v for k, v in counts.items() if k != "kept" and v}}
+
+
+def reference_params(config, pipe):
+  """The reference as training holds it: `pipe`'s UNet in `model.reference_dtype`."""
+  import jax
+  import jax.numpy as jnp
+
+  from dpo_jax import precision
+  return precision.reference_params(
+      jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), pipe.unet_params),
+      config.model.reference_dtype)
+
+
 def implicit_accuracy(config, pipe, policy_params, *, draws: int = 8, batch_pairs: int = 8,
                       seed: int = 0, devices=None) -> dict:
   """Held-out implicit accuracy of `policy_params` against `pipe`'s UNet (the reference, in
   `model.reference_dtype`) on `config.data.train_files`, in `config`'s compute dtype."""
-  import jax
-  import jax.numpy as jnp
-
-  from dpo_jax import encode, loss as losses, parallel, precision, train
-  from dpo_jax.data import loader, skips
-  from dpo_jax.train_step import NoiseOptions, make_pair_errors
-
-  if draws < 1:
-    raise UserError(f"--draws must be >= 1, got {draws}")
-  encoders, frozen = encode.pipeline_encoders(pipe)
-  schedule = train.noise_schedule(pipe.scheduler_config, config)
-  pair_errors = make_pair_errors(
-      pipe.unet, schedule, seed=seed, encoders=encoders,
-      compute_dtype=config.model.compute_dtype,
-      noise=NoiseOptions(timesteps=train.noise_options(config).timesteps),
-      reference_pass=config.dpo.reference_pass, sdxl_time_ids=config.data.sdxl_time_ids)
-  reference = precision.reference_params(
-      jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), pipe.unet_params),
-      config.model.reference_dtype)
-
-  devices = devices or jax.local_devices()
-  batch_pairs = -(-batch_pairs // len(devices)) * len(devices)
-  sharding = parallel.batch_sharding(parallel.make_mesh(-1, 1, devices))
-  replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-
-  def margins(policy, reference, frozen, batch):
-    errors = pair_errors(policy, reference, encode.encoded_batch(encoders, frozen, batch))
-    return losses.implicit_margins(*errors)
-
-  margins = jax.jit(margins, in_shardings=(replicated, replicated, replicated, sharding))
-  policy, reference, frozen = jax.device_put((policy_params, reference, frozen), replicated)
-  source = loader.make_source(config.data)
-  batches = loader.make_prepare_iterator(config, source, pipe.tokenizers,
-                                         batch_pairs=batch_pairs, process_index=0,
-                                         process_count=1)
-  totals = []
-  for batch in batches:
-    rows = len(batch["pair_ids"])
-    padded = {k: v[np.minimum(np.arange(batch_pairs), rows - 1)] for k, v in batch.items()}
-    total = np.zeros(rows)
-    for draw in range(draws):  # The draw index is the epoch folded into each pair's key.
-      padded["epochs"] = np.full(batch_pairs, draw, np.int32)
-      total += np.asarray(margins(policy, reference, frozen,
-                                  jax.device_put(padded, sharding)))[:rows]
-    totals.append(total / draws)
-  counts = batches.counts
-  if not totals:
-    raise UserError(f"no usable pair in {config.data.train_files} "
-                    f"({skips.describe(skips.add(counts, source.skipped_at_start))})")
-  mean_margins = np.concatenate(totals)
-  return {"implicit_acc": float(losses.implicit_accuracy(mean_margins)),
-          "pairs": int(mean_margins.size), "draws": draws, "ties": int((mean_margins == 0).sum()),
-          "mean_margin": float(mean_margins.mean()), "seed": seed,
-          "skipped": {k: v for k, v in skips.add(counts, source.skipped_at_start).items()
-                      if k != "kept" and v}}
+  held_out = HeldOutPairs(config, pipe, draws=draws, batch_pairs=batch_pairs, seed=seed,
+                          devices=devices)
+  return held_out(policy_params, reference_params(config, pipe))
 
 
 def evaluate_run(workdir: str, pairs: str, *, step: int | None = None, **options) -> dict:

@@ -39,6 +39,20 @@ class MetricsLog:
           f"implicit_acc {record.get('implicit_acc', float('nan')):.3f}  "
           f"{pairs_per_sec:.1f} pairs/s  eta {eta:.0f}s", flush=True)
 
+  def write_eval(self, step: int, metrics: dict, grid=None) -> None:
+    """Validation metrics (`eval/...`) as their own metrics.jsonl record, and the sample grid
+    (uint8 HWC) as a TensorBoard image."""
+    if not self._enabled:
+      return
+    self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._file.flush()
+    for key, value in metrics.items():
+      self._tensorboard.add_scalar(key, value, step)
+    if grid is not None:
+      self._tensorboard.add_image("eval/samples", grid, step, dataformats="HWC")
+    print(f"step {step}/{self._total}  " + "  ".join(
+        f"{key[5:]} {value:.3f}" for key, value in metrics.items()), flush=True)
+
   def print(self, text: str) -> None:
     """A line for the console, from process 0 only."""
     if self._enabled:

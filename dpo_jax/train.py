@@ -27,6 +27,7 @@ class Models:
   encoders: encode.Encoders | None = None
   frozen_params: Any = None
   tokenizers: tuple = ()
+  pipeline: Any = None  # The loaded `Pipeline` (validation samples with it).
 
 
 def noise_schedule(scheduler_config: dict, config: ml_collections.ConfigDict
@@ -60,7 +61,7 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
   pipe = load_pipeline(config, **options)
   encoders, frozen = encode.pipeline_encoders(pipe)
   return Models(pipe.unet, pipe.unet_params, noise_schedule(pipe.scheduler_config, config),
-                encoders, frozen, pipe.tokenizers)
+                encoders, frozen, pipe.tokenizers, pipe)
 
 
 def load_pipeline(config: ml_collections.ConfigDict, **options) -> pipeline_lib.Pipeline:
@@ -199,8 +200,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     state, data_state = checkpointer.restore(start, state)
     data.set_state(_this_hosts_data_state(data_state, workdir))
     print(f"resumed from step {start} in {workdir}", flush=True)
+  validator = None
+  if config.eval.every and jax.process_index() == 0:
+    from dpo_jax import validation  # Loads the scorers: only when asked for.
+    validator = validation.Validation(config, models.pipeline, workdir)
   run = _Run(config, program.step_fn, program.step_input, data, checkpointer,
-             MetricsLog(workdir, config.train.steps))
+             MetricsLog(workdir, config.train.steps), validator)
   try:
     state = _run_steps(run, start, state)
   finally:
@@ -225,6 +230,7 @@ class _Run:
   data: interfaces.BatchIterator  # This host's batches.
   checkpointer: Checkpointer
   log: MetricsLog
+  validator: Any = None  # `validation.Validation` on process 0 when eval.every is set.
 
 
 def _run_steps(run: _Run, start: int, state):
@@ -235,6 +241,8 @@ def _run_steps(run: _Run, start: int, state):
     too_bad = _log(run, step, metrics) if _is_log_step(run.config, step) else None
     if too_bad or step == last or run.checkpointer.due(step):
       _save(run, step, state, force=bool(too_bad) or step == last)
+    if _is_eval_step(run.config, step) and not too_bad:
+      _validate(run, step, state)
     if too_bad:
       raise UserError(f"{too_bad}. Step {step} is saved: the same command resumes from it")
   _report_data(run)
@@ -243,6 +251,21 @@ def _run_steps(run: _Run, start: int, state):
 
 def _is_log_step(config: ml_collections.ConfigDict, step: int) -> bool:
   return step % config.train.log_every == 0 or step in (1, config.train.steps)
+
+
+def _is_eval_step(config: ml_collections.ConfigDict, step: int) -> bool:
+  every = config.eval.every
+  return bool(every) and (step % every == 0 or step == config.train.steps)
+
+
+def _validate(run: _Run, step: int, state) -> None:
+  """Every host gathers the params to the host (a collective); process 0 validates."""
+  from jax.experimental import multihost_utils
+  params, reference = multihost_utils.process_allgather(
+      (state.params, state.reference_params), tiled=True)
+  if run.validator is not None:
+    metrics, grid = run.validator.run(step, params, reference)
+    run.log.write_eval(step, metrics, grid)
 
 
 def _data_counts(run: _Run) -> dict[str, int]:
