@@ -27,7 +27,7 @@ from dpo_jax import cli
 from dpo_jax.errors import UserError
 
 
-def _data_format(path: str) -> str:
+def data_format(path: str) -> str:
   suffix = os.path.splitext(path.split(",")[0])[1].lower()
   formats = {".parquet": "pickapic", ".jsonl": "jsonl"}
   if suffix not in formats:
@@ -41,7 +41,7 @@ def eval_config(run_config: dict, pairs: str):
   prompts) in their own format."""
   import ml_collections
   config = ml_collections.ConfigDict(run_config)
-  config.data.update(train_files=pairs, format=_data_format(pairs), random_crop=False,
+  config.data.update(train_files=pairs, format=data_format(pairs), random_crop=False,
                      random_flip=False, empty_prompt_prob=0.0, cache_dir=None,
                      max_train_pairs=None, tfds_name=None)
   return config
