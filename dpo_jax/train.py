@@ -17,6 +17,7 @@ from dpo_jax.models.unet import init_params
 from dpo_jax.train_step import (NoiseOptions, TrainState, make_encode_step, make_pair_loss,
                                 make_train_step)
 
+
 @dataclasses.dataclass(frozen=True)
 class Models:
   """Everything the run needs from `model.*`: the UNet, its starting params, the noise
