@@ -1,5 +1,7 @@
 """Held-out implicit reward accuracy (Table 2's protocol): ½ for a policy equal to its
-reference, independent of batch size and device count, and the command line."""
+reference, independent of batch size and device count; win rates; the command line."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -8,9 +10,10 @@ import subprocesses
 import tiny_config
 import tiny_data
 import tiny_models
-from dpo_jax import compare, evaluate, loss, scorers
+from dpo_jax import compare, evaluate, loss, scorers, train
 from dpo_jax.errors import UserError
 from dpo_jax.models import pipeline as pipeline_lib
+from test_scorers import make_scorer_folder
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,6 @@ def test_scorer_specs():
 
 def test_compare_models_scores_paired_samples(setup, tmp_path):
   _, pipe = setup
-  from test_scorers import make_scorer_folder
   _, _, folder, _ = make_scorer_folder(tmp_path)
   scorer = scorers.load_scorer(str(folder), "clip")
   prompts = ["a cat", "a photo", "dog"]
@@ -104,3 +106,29 @@ def test_compare_models_scores_paired_samples(setup, tmp_path):
                                                                      abs=1e-6)
   assert (result["prompts"], result["seeds"], result["steps"]) == (3, [4, 6], 2)
   assert "| clip |" in compare.report_markdown({**result, "model": "m", "reference": "r"})
+
+
+@pytest.mark.slow
+def test_command_evaluates_a_run_on_prompts_and_pairs(tmp_path):
+  """The command end to end on a 1-step run at lr 0 (policy = reference): eval.json with
+  both parts, report.md, grid.png and the paired samples."""
+  tiny_models.make_pipeline("sd").save_pretrained(tmp_path / "pipeline")
+  tiny_data.write_warm_vs_cool(str(tmp_path / "pairs.parquet"), pairs=4, seed=0)
+  (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+  _, _, scorer, _ = make_scorer_folder(tmp_path / "scorer")
+  config = tiny_config.get_config()
+  config.model.pretrained = str(tmp_path / "pipeline")
+  config.data.train_files = str(tmp_path / "pairs.parquet")
+  config.train.steps, config.optim.peak_lr = 1, 0.0
+  train.train(config, str(tmp_path / "run"), jax.devices()[:1])
+  done = subprocesses.run_module(
+      "dpo_jax.evaluate", f"--workdir={tmp_path / 'run'}", f"--pairs={tmp_path}/pairs.parquet",
+      f"--prompts={tmp_path / 'prompts.txt'}", f"--scorer=clip={scorer}", "--steps=2",
+      "--draws=2", f"--output={tmp_path / 'eval' / 'eval.json'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+  assert (result["implicit_acc"], result["pairs"], result["step"]) == (0.5, 4, 1)
+  assert result["scorers"]["clip"]["win_rate"] == 0.5 and result["prompts"] == 2
+  assert "| clip |" in (tmp_path / "eval" / "report.md").read_text()
+  assert (tmp_path / "eval" / "grid.png").exists()
+  assert len(list((tmp_path / "eval" / "samples" / "tuned").glob("*.png"))) == 2
