@@ -171,7 +171,9 @@ def parse_scorer(spec: str) -> tuple[str, dict]:
 
 
 def _score(scorer, images: np.ndarray, prompts, batch: int) -> np.ndarray:
-  """Scores in fixed-size batches (the last padded), so the scorer compiles once."""
+  """Scores in fixed-size batches (the last padded), so the scorer compiles once; the
+  batch is rounded up to split over the host's devices."""
+  batch = -(-batch // scorer.devices) * scorer.devices
   out = []
   for start in range(0, len(images), batch):
     rows = np.minimum(np.arange(start, start + batch), len(images) - 1)

@@ -8,7 +8,8 @@ jpg_0, jpg_1, label_0, label_1, ...) plus `score_0`, `score_1` and `source_pair_
 the trainer reads as it is: `--config.data.train_files='DIR/*.parquet'`. Both images of a
 pair keep their order, and `label_0` says which won (a tie: ½ each, which training skips).
 
-Resumable: the pairs are written in parts of `--part_pairs`; a part already on disk is
+Batched and split over the host's devices (the scorer's batch sharding). Resumable: the
+pairs are written in parts of `--part_pairs`; a part already on disk is
 skipped, so the same command continues an interrupted run. Several hosts (the training
 launchers) each take every process_count-th part. Unusable pairs (unreadable images) are
 skipped and counted.
@@ -47,6 +48,7 @@ def label_pairs(scorer, source, output: str, *, batch: int = 16,
   """Scores every pair of `source` (a `data.interfaces.PairSource`) with `scorer`; writes
   this process's parts to `output`; returns {'written', 'skipped', 'parts_done_before'}."""
   os.makedirs(output, exist_ok=True)
+  batch = -(-batch // scorer.devices) * scorer.devices  # Split over the host's devices.
   parts = -(-len(source) // part_pairs)
   counts = {"written": 0, "skipped": 0, "parts_done_before": 0}
   for part in range(process_index, parts, process_count):

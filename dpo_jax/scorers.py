@@ -256,6 +256,9 @@ class Scorer:
   max_length: int  # Token ids per prompt: the text tower's max_position_embeddings.
   params: dict  # {"clip": CLIP params, "mlp": aesthetic layers (aesthetic only)}
   score_fn: Any = dataclasses.field(repr=False)
+  # The batch axis over this host's devices (params replicated): a batch whose size the
+  # device count divides is scored data-parallel.
+  batch_sharding: Any = None
 
   def __call__(self, images, prompts: Sequence[str] | None = None) -> np.ndarray:
     """Scores image i against prompt i (prompts are ignored, and may be None, for 'aesthetic').
@@ -270,7 +273,14 @@ class Scorer:
         raise ValueError(f"'{self.kind}' needs one prompt string per image ({len(pixels)}), "
                          f"got {prompts!r:.80}")
       ids = tokenizer_lib.tokenize(self.tokenizer, prompts, self.max_length)
+    if self.batch_sharding is not None and len(pixels) % self.batch_sharding.mesh.size == 0:
+      pixels, ids = jax.device_put((pixels, ids), self.batch_sharding)
     return np.asarray(self.score_fn(self.params, pixels, ids), np.float32)
+
+  @property
+  def devices(self) -> int:
+    """Devices a batch is split over: batch sizes that are multiples of this run sharded."""
+    return self.batch_sharding.mesh.size if self.batch_sharding is not None else 1
 
 
 def load_scorer(folder: str, kind: str, *, processor_folder: str | None = None,
@@ -307,6 +317,8 @@ def load_scorer(folder: str, kind: str, *, processor_folder: str | None = None,
                       "predictor goes with openai/clip-vit-large-patch14")
   else:
     tokenizer = tokenizer_lib.load_tokenizer(processor_folder)
-  params = jax.device_put(params)
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return Scorer(kind, processing, tokenizer, module.config.text.max_position_embeddings,
-                params, _score_fn(module, kind))
+                params, _score_fn(module, kind),
+                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))

@@ -252,3 +252,16 @@ def test_processor_must_fit_the_model(scorer_folder, tmp_path):
   (tmp_path / scorers.PREPROCESSOR_CONFIG).write_text(json.dumps(config))
   _one_line_user_error(lambda: scorers.load_scorer(str(folder), "clip", processor_folder=str(
       tmp_path)), r"cropped to \(40, 40\) but the model .* takes 32x32")
+
+
+def test_a_batch_split_over_the_devices_scores_as_one_image_at_a_time(scorer_folder):
+  """8 images over the 8 fake devices, data-parallel, against each image scored alone."""
+  _, _, folder, _ = scorer_folder
+  scorer = scorers.load_scorer(str(folder), "clip")
+  assert scorer.devices == 8
+  images = _images(4) + _images(5)  # Of several sizes, as a list.
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(images))]
+  assert len(images) == 8
+  together = scorer(images, prompts)
+  alone = np.concatenate([scorer(images[i:i + 1], prompts[i:i + 1]) for i in range(8)])
+  np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6)
