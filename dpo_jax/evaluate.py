@@ -28,11 +28,12 @@ from dpo_jax.errors import UserError
 
 
 def data_format(path: str) -> str:
+  """'pickapic' or 'jsonl', by the (first) file's suffix."""
   suffix = os.path.splitext(path.split(",")[0])[1].lower()
   formats = {".parquet": "pickapic", ".jsonl": "jsonl"}
   if suffix not in formats:
-    raise UserError(f"--pairs {path}: give Pick-a-Pic .parquet files or a .jsonl of "
-                    '{"prompt", "chosen", "rejected"} lines')
+    raise UserError(f"pairs {path}: give Pick-a-Pic .parquet files (a glob or a comma-"
+                    'separated list) or a .jsonl of {"prompt", "chosen", "rejected"} lines')
   return formats[suffix]
 
 
