@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.seed = 0
   config.train.ckpt_every = 500
   config.train.log_every = 10
+  # XLA's persistent compilation cache: a resumed or repeated run reads its compiled programs
+  # back instead of compiling again (minutes for SD-size steps on a GPU). Unset: WORKDIR/
+  # xla_cache, unless JAX_COMPILATION_CACHE_DIR already names one; '' turns it off.
+  config.train.compilation_cache_dir = config_dict.placeholder(str)
 
   # Devices form a ('data', 'fsdp') mesh; -1 takes what the other axis leaves. Params and
   # optimizer state are sharded over 'fsdp' (keep it within one host's NVLink/ICI domain).

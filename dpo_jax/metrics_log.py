@@ -19,6 +19,10 @@ class MetricsLog:
       from tensorboardX import SummaryWriter  # Event files without TensorFlow.
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+  def restart_clock(self) -> None:
+    """The next rate counts from now (after compilation, say)."""
+    self._last_time = time.perf_counter()
+
   def write(self, step: int, metrics: dict, *, lr: float, pairs: int) -> None:
     """`pairs`: pairs per step, for throughput since the previous write."""
     now = time.perf_counter()

@@ -1,6 +1,7 @@
 """The training loop: build model, data and optimiser from the config, step, log, checkpoint."""
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -189,6 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
+  _use_compilation_cache(config, workdir)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
   models = load_models(config)
@@ -205,8 +207,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   if config.eval.every and jax.process_index() == 0:
     from dpo_jax import validation  # Loads the scorers: only when asked for.
     validator = validation.Validation(config, models.pipeline, workdir)
-  run = _Run(config, program.step_fn, program.step_input, data, checkpointer,
-             MetricsLog(workdir, config.train.steps), validator)
+  log = MetricsLog(workdir, config.train.steps)
+  if start < config.train.steps:  # Ahead of time, on the first batch: compile time apart.
+    first = program.step_input(next(data))
+    step_fn = _compile(program.step_fn, state, first, log)
+    batches = _step_inputs(first, data, program.step_input)
+  else:
+    step_fn, batches = program.step_fn, iter(())
+  run = _Run(config, step_fn, batches, data, checkpointer, log, validator)
   try:
     state = _run_steps(run, start, state)
   finally:
@@ -222,13 +230,48 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
 # ---------------------------------------------------------------------------------------------
 
 
+def _use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """train.compilation_cache_dir, or WORKDIR/xla_cache, unless one is already configured."""
+  if jax.config.jax_compilation_cache_dir or config.train.compilation_cache_dir == "":
+    return
+  folder = config.train.compilation_cache_dir or os.path.join(workdir, "xla_cache")
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(folder))
+
+
+def _step_inputs(first, data: interfaces.BatchIterator, step_input):
+  """`first`, then each next host batch made the step's input, fetched as the loop asks (so
+  the data position a checkpoint saves is the loop's)."""
+  yield first
+  while True:
+    yield step_input(next(data))
+
+
+def _compile(step_fn, state, batch, log: MetricsLog):
+  """The train step compiled for these shapes; logs the compile time and XLA's memory
+  estimate per device once, and restarts the log's clock so no rate includes compilation."""
+  started = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  seconds = time.perf_counter() - started
+  memory = compiled.memory_analysis()
+  estimate = ""
+  if memory is not None:
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    estimate = (f"; XLA's memory estimate per device {total / 2**30:.2f} GiB (arguments "
+                f"{memory.argument_size_in_bytes / 2**30:.2f}, temporaries "
+                f"{memory.temp_size_in_bytes / 2**30:.2f})")
+  log.print(f"compiled the train step in {seconds:.1f}s{estimate}")
+  log.restart_clock()
+  return compiled
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What the loop needs, built once by `train`."""
   config: ml_collections.ConfigDict
-  step_fn: Any  # (state, global batch) -> (state, metrics), jitted.
-  step_input: Any  # Host batch -> the global (encoded) batch the step takes.
-  data: interfaces.BatchIterator  # This host's batches.
+  step_fn: Any  # (state, global batch) -> (state, metrics), compiled.
+  batches: Any  # Global (encoded) batches, the step's inputs, in order.
+  data: interfaces.BatchIterator  # This host's batch iterator behind them (counts, position).
   checkpointer: Checkpointer
   log: MetricsLog
   validator: Any = None  # `validation.Validation` on process 0 when eval.every is set.
@@ -238,7 +281,7 @@ def _run_steps(run: _Run, start: int, state):
   """Steps start + 1 .. train.steps: step, log, save; stop, saved, on too much bad data."""
   last = run.config.train.steps
   for step in range(start + 1, last + 1):
-    state, metrics = run.step_fn(state, run.step_input(next(run.data)))
+    state, metrics = run.step_fn(state, next(run.batches))
     too_bad = _log(run, step, metrics) if _is_log_step(run.config, step) else None
     if too_bad or step == last or run.checkpointer.due(step):
       _save(run, step, state, force=bool(too_bad) or step == last)

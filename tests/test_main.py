@@ -10,15 +10,19 @@ SMALL = ["--config.train.steps=6", "--config.train.log_every=3", "--config.data.
          "--config.train.batch_pairs=4"]
 
 
-def _main(*args, workdir=None, devices=1):
+def _main(*args, workdir=None, devices=1, **env):
   workdir_flag = [f"--workdir={workdir}"] if workdir is not None else []
-  return subprocesses.run_module("dpo_jax.main", *args, *workdir_flag, devices=devices)
+  return subprocesses.run_module("dpo_jax.main", *args, *workdir_flag, devices=devices, **env)
 
 
 @pytest.mark.slow
 def test_demo_trains_and_logs_metrics(tmp_path):
-  result = _main(*SMALL, workdir=tmp_path)
+  # No cache configured outside: the run keeps its compiled programs in WORKDIR/xla_cache.
+  result = _main(*SMALL, workdir=tmp_path, JAX_COMPILATION_CACHE_DIR="")
   assert result.returncode == 0, result.stderr[-2000:]
+  assert "compiled the train step in" in result.stdout
+  assert "XLA's memory estimate per device" in result.stdout
+  assert any((tmp_path / "xla_cache").iterdir())
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 3, 6]
   for key in ("loss", "implicit_acc", "reward_margin", "lr", "pairs_per_sec"):
