@@ -194,8 +194,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
   models = load_models(config)
-  state, program = build_program(config, models, mesh)
+  # The data first: a cache made by other encoders, or files that cannot be read, are
+  # refused before minutes of compiling.
   data = make_data_iterator(config, models)
+  state, program = build_program(config, models, mesh)
 
   checkpointer = Checkpointer(workdir, every=config.train.ckpt_every)
   start = checkpointer.latest_step() or 0
