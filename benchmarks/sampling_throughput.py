@@ -8,6 +8,7 @@ The VAE decode and the text encoders run once per image, outside the loop, and a
 timed: the UNet's 2 × steps calls dominate. The last line is one JSON object.
 """
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -20,11 +21,15 @@ import numpy as np
 from dpo_jax import bench, diffusion, sampler
 from dpo_jax.models import unet as unet_lib, unet_presets
 
-DEMO_UNET = dict(
-    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_unet() -> dict:
+  """configs/demo.py's UNet, read by path as config_flags reads it."""
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return dict(module.DEMO_UNET)
 
 
 def main():
@@ -39,7 +44,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
 
-  config = dict(DEMO_UNET if args.unet == "demo" else unet_presets.PRESETS[args.unet])
+  config = demo_unet() if args.unet == "demo" else dict(unet_presets.PRESETS[args.unet])
   if args.width_divisor > 1:
     config["block_out_channels"] = [c // args.width_divisor for c in config["block_out_channels"]]
   unet = unet_lib.build_unet(config, dtype=jnp.dtype(args.dtype))

@@ -128,17 +128,6 @@ def forward_flops_per_image(models: train.Models, resolution: int) -> float:
   return float(lowered.cost_analysis()["flops"])
 
 
-def _memory(compiled) -> dict:
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return {}
-  sizes = {name: int(getattr(stats, f"{name}_size_in_bytes")) for name in
-           ("argument", "output", "temp", "alias", "generated_code")}
-  # Donated state aliases its outputs: those bytes are counted once.
-  sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
-  return sizes
-
-
 def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps: int = 10,
           warmup: int = 2, devices=None) -> dict:
   """Compiles and times `steps` train steps after `warmup` untimed ones on `devices`
@@ -177,7 +166,7 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
   model_flops_per_step = forward * FORWARDS_PER_PAIR[config.dpo.loss] * config.train.batch_pairs
   peak = peak_flops(device)
   tflops = model_flops_per_step / step_seconds / devices / 1e12
-  memory = _memory(compiled)
+  memory = train.memory_estimate(compiled)
   live = device.memory_stats() or {}
   return {
       "unet": preset or "config", "loss": config.dpo.loss,

@@ -98,8 +98,7 @@ class HeldOutPairs:
     totals = []
     for batch in batches:
       rows = len(batch["pair_ids"])
-      padded = {k: v[np.minimum(np.arange(self._batch_pairs), rows - 1)]
-                for k, v in batch.items()}
+      padded = loader.padded(batch, self._batch_pairs)
       total = np.zeros(rows)
       for draw in range(self.draws):  # The draw index is the epoch folded into the keys.
         padded["epochs"] = np.full(self._batch_pairs, draw, np.int32)

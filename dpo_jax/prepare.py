@@ -40,13 +40,6 @@ def _empty_prompt_batch(pipe, resolution: int, batch_pairs: int) -> dict:
           **{f"input_ids_{i}": token_ids for i, token_ids in enumerate(ids)}}
 
 
-def _padded(batch: dict, size: int) -> dict:
-  """The last, short batch repeated up to `size` pairs: one compiled shape for every call."""
-  rows = len(batch["pair_ids"])
-  index = np.minimum(np.arange(size), rows - 1)
-  return {name: value[index] for name, value in batch.items()}
-
-
 def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
             dtype: str = "float16", overwrite: bool = False, process_index: int | None = None,
             process_count: int | None = None) -> dict[str, int]:
@@ -106,7 +99,7 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
   started = last_report = time.perf_counter()
   for batch in batches:
     rows = len(batch["pair_ids"])
-    encoded = jax.device_get(encode_batch(frozen, jax.device_put(_padded(batch, batch_pairs),
+    encoded = jax.device_get(encode_batch(frozen, jax.device_put(loader.padded(batch, batch_pairs),
                                                                  sharding)))
     for row in range(rows):
       writer.write({**{name: value[row] for name, value in encoded.items()},

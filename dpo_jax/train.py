@@ -248,20 +248,30 @@ def _step_inputs(first, data: interfaces.BatchIterator, step_input):
     yield step_input(next(data))
 
 
+def memory_estimate(compiled) -> dict[str, int]:
+  """XLA's per-device byte counts of a compiled program ({} where the backend gives none),
+  with `peak`: arguments + outputs + temporaries, donated (aliased) bytes counted once."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  sizes = {name: int(getattr(stats, f"{name}_size_in_bytes")) for name in
+           ("argument", "output", "temp", "alias", "generated_code")}
+  sizes["peak"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+  return sizes
+
+
 def _compile(step_fn, state, batch, log: MetricsLog):
   """The train step compiled for these shapes; logs the compile time and XLA's memory
   estimate per device once, and restarts the log's clock so no rate includes compilation."""
   started = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   seconds = time.perf_counter() - started
-  memory = compiled.memory_analysis()
+  memory = memory_estimate(compiled)
   estimate = ""
-  if memory is not None:
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-    estimate = (f"; XLA's memory estimate per device {total / 2**30:.2f} GiB (arguments "
-                f"{memory.argument_size_in_bytes / 2**30:.2f}, temporaries "
-                f"{memory.temp_size_in_bytes / 2**30:.2f})")
+  if memory:
+    estimate = (f"; XLA's memory estimate per device {memory['peak'] / 2**30:.2f} GiB "
+                f"(arguments {memory['argument'] / 2**30:.2f}, temporaries "
+                f"{memory['temp'] / 2**30:.2f})")
   log.print(f"compiled the train step in {seconds:.1f}s{estimate}")
   log.restart_clock()
   return compiled

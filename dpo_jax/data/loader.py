@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator, Sequence
 
 import grain.python as grain
+import numpy as np
 import transformers
 
 from dpo_jax import parallel
@@ -137,6 +138,14 @@ def make_prepare_iterator(config, source, tokenizers: Sequence[transformers.CLIP
                             worker_count=config.data.workers, shard_options=shard,
                             read_options=_READ_OPTIONS)
   return PairBatches(iter(loader), source.skipped_at_start)
+
+
+def padded(batch: dict, size: int) -> dict:
+  """A short batch repeated in its last row up to `size` pairs: one compiled shape for
+  every batch (callers drop the padding rows from the results)."""
+  rows = len(batch["pair_ids"])
+  index = np.minimum(np.arange(size), rows - 1)
+  return {name: value[index] for name, value in batch.items()}
 
 
 class PairBatches:
