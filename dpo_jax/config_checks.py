@@ -7,7 +7,7 @@ import ml_collections
 from dpo_jax.errors import UserError
 
 _CHOICES = {
-    ("data", "format"): ("synthetic", "pickapic", "jsonl", "tfds"),
+    ("data", "format"): ("synthetic", "pickapic", "jsonl", "tfds", "sampled"),
     ("data", "sdxl_time_ids"): ("constant", "actual"),
     ("dpo", "loss"): ("dpo", "sft"),
     ("dpo", "reference_pass"): ("shared", "separate"),
@@ -50,6 +50,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.resolution % 8:
     raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
                     "VAE downsamples by 8)")
+  if config.data.format == "sampled":
+    from dpo_jax import sampled_pairs
+    sampled_pairs.check(config)
   # Caught here, before minutes of model loading: the real-run configs leave it unset on purpose.
   if not config.data.get("cache_dir"):  # A latent cache names the data it was made from.
     _check_data_source(config)

@@ -1,7 +1,7 @@
 """Every config key dpo_jax reads, with neutral defaults: the base of every config.
 
 `configs/*.py` start from this `get_config()` and override what their run needs (the paper's
-recipes through `dpo_jax.recipes`, the CPU demo in configs/demo.py), so any key here can be
+recipes through `dpo_jax.recipes`, the CPU demo in configs/synthetic.py), so any key here can be
 set on the command line (`--config.dpo.beta=5000`). Optional values are `placeholder`s
 because ml_collections cannot override a field whose default is plain None.
 """
@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   # A diffusers pipeline folder or hub id; unset: a random UNet built from `model.unet`.
   config.model.pretrained = config_dict.placeholder(str)
-  # A diffusers unet/config.json as a dict, for a random UNet (configs/demo.py sets one).
+  # A diffusers unet/config.json as a dict, for a random UNet (configs/synthetic.py sets one).
   config.model.unet = ml_collections.ConfigDict()
   config.model.variant = config_dict.placeholder(str)  # e.g. 'fp16' for *.fp16.safetensors.
   config.model.revision = config_dict.placeholder(str)  # A hub id's branch, tag or commit.
@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'synthetic': latent pairs with a learnable preference (winners have a positive mean in
   # channel 0), made in memory, so the demo needs no files. 'pickapic': Pick-a-Pic v2
   # parquet shards as published; 'jsonl': your own {"prompt", "chosen", "rejected"} lines;
-  # 'tfds': a TFDS dataset (array_record) with Pick-a-Pic's features (all need
-  # model.pretrained).
+  # 'tfds': a TFDS dataset (array_record) with Pick-a-Pic's features; 'sampled': pairs the
+  # model draws itself, judged by a scorer (data.sampled below) (all need model.pretrained).
   config.data.format = "pickapic"
   config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
   # Pick-a-Pic given as a folder (data.train_files=PICKAPIC_V2): its files of this split,
@@ -77,6 +77,21 @@ def get_config() -> ml_collections.ConfigDict:
   # SDXL time ids: 'constant' (R, R, 0, 0, R, R) as the official DPO code, or 'actual'
   # original size and crop of each image (diffusers' training convention).
   config.data.sdxl_time_ids = "constant"
+  # data.format='sampled' (dpo_jax/sampled_pairs.py): before training, pairs are drawn from
+  # model.pretrained itself, pairs_per_prompt per prompt of `prompts`, and `judge` (an
+  # `evaluate --scorer` spec, e.g. 'centred' or 'pickscore=FOLDER,processor=FOLDER') picks
+  # each winner; they are written to WORKDIR/pairs and trained on as Pick-a-Pic data.
+  config.data.sampled = ml_collections.ConfigDict()
+  config.data.sampled.prompts = config_dict.placeholder(str)  # A prompts file.
+  config.data.sampled.pairs_per_prompt = 8
+  config.data.sampled.judge = config_dict.placeholder(str)
+  # Held-out pairs (WORKDIR/pairs_heldout), the default eval.pairs when set.
+  config.data.sampled.heldout_prompts = config_dict.placeholder(str)
+  config.data.sampled.heldout_pairs_per_prompt = 8
+  config.data.sampled.steps = 25  # DDIM steps.
+  config.data.sampled.guidance = 7.5
+  config.data.sampled.batch = 64  # Images per compiled sampler call.
+  config.data.sampled.seed = config_dict.placeholder(int)  # Unset: train.seed.
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 2000
@@ -120,6 +135,13 @@ def get_config() -> ml_collections.ConfigDict:
   # 'pickscore=/models/PickScore_v1,processor=/models/CLIP-ViT-H-14;clip=/models/CLIP-ViT-H-14'.
   config.eval.scorers = config_dict.placeholder(str)
   config.eval.seed = 0  # Seeds of the held-out draws and of the grid's images (seed + i).
+  # At the end of training, a report in WORKDIR (dpo_jax/report.py): report.json with the
+  # win rate of the tuned model against the pretrained one on every eval.prompts prompt,
+  # `report_images_per_prompt` paired seeds each, judged by the first of eval.scorers, and the
+  # held-out implicit accuracy on eval.pairs; samples_before_after.png and curves.png.
+  config.eval.report = False
+  config.eval.report_images_per_prompt = 8
+  config.eval.report_batch = 16  # Images per compiled sampler call (split over the devices).
 
   # How each pair's (t, ε) is drawn; the defaults are the paper's.
   config.diffusion = ml_collections.ConfigDict()

@@ -153,8 +153,12 @@ def evaluate_run(workdir: str, pairs: str, *, step: int | None = None, **options
 
 
 def parse_scorer(spec: str) -> tuple[str, dict]:
-  """'KIND=FOLDER[,processor=FOLDER][,mlp=FILE]' -> (kind, `scorers.load_scorer` options)."""
+  """'KIND=FOLDER[,processor=FOLDER][,mlp=FILE]', or a rule's KIND alone (e.g. 'centred')
+  -> (kind, `scorers.load_scorer` options)."""
+  from dpo_jax import scorers
   kind, _, rest = spec.partition("=")
+  if kind in scorers.RULE_KINDS and not rest:
+    return kind, {"folder": None}
   if not rest:
     raise UserError(f"--scorer {spec!r}: write KIND=FOLDER, e.g. pickscore=/models/PickScore_v1"
                     ",processor=/models/CLIP-ViT-H-14 or aesthetic=/models/clip-vit-large-"
@@ -233,6 +237,33 @@ def evaluate_prompts(workdir: str, prompts_file: str, scorer_specs, output: str,
   return result
 
 
+def report_run(workdir: str, *, step: int | None = None, prompts: str | None = None,
+               scorer_specs=(), pairs: str | None = None) -> dict:
+  """`report.write_report` for the run in `workdir` at checkpoint `step` (default: newest),
+  with the run's own eval.* settings; `prompts`, `scorer_specs` and `pairs` replace its
+  eval.prompts, eval.scorers and eval.pairs."""
+  import jax.numpy as jnp
+
+  from dpo_jax import report, runs
+  run = runs.load_run(workdir, step)
+  config = runs.with_defaults(run.config)
+  if prompts:
+    config.eval.prompts = prompts
+  if scorer_specs:
+    config.eval.scorers = ";".join(scorer_specs)
+  if pairs:
+    config.eval.pairs = pairs
+  if not (config.eval.prompts and config.eval.scorers):
+    raise UserError(f"--report samples eval.prompts and judges them by eval.scorers, which "
+                    f"{workdir}'s config leaves unset: pass --prompts FILE and --scorer SPEC")
+  pipe = runs.run_pipeline(
+      run.config, dtype=jnp.dtype(config.model.compute_dtype),
+      vae_dtype=jnp.dtype(config.model.vae_dtype),
+      text_encoder_dtype=jnp.dtype(config.model.text_encoder_dtype))
+  return report.write_report(config, pipe, run.params, reference_params(config, pipe),
+                             workdir, step=run.step)
+
+
 def run() -> None:
   workdir = flags.DEFINE_string("workdir", None, "The training run to evaluate.")
   step = flags.DEFINE_integer("step", None, "Its checkpoint step (default: the newest).")
@@ -240,7 +271,8 @@ def run() -> None:
   prompts = flags.DEFINE_string("prompts", None, "Prompts to sample both models on "
                                 "(dpo_jax/data/prompts.py formats).")
   scorer = flags.DEFINE_multi_string("scorer", [], "KIND=FOLDER[,processor=FOLDER][,mlp=FILE]; "
-                                     "KIND: clip, clip_torchmetrics, pickscore, aesthetic.")
+                                     "KIND: clip, clip_torchmetrics, pickscore, aesthetic; "
+                                     "or a rule alone: centred (the demo's rater).")
   limit = flags.DEFINE_integer("limit", None, "Only the first N prompts.")
   steps = flags.DEFINE_integer("steps", 50, "DDIM steps.")
   guidance = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale.")
@@ -249,10 +281,23 @@ def run() -> None:
   draws = flags.DEFINE_integer("draws", 8, "(t, ε) draws averaged per pair (Table 2).")
   batch_pairs = flags.DEFINE_integer("batch_pairs", 8, "Pairs per compiled batch.")
   seed = flags.DEFINE_integer("seed", 0, "Seed of the (t, ε) draws.")
+  write_report = flags.DEFINE_bool(
+      "report", False, "Write the run's report into --workdir (report.json, report.md, "
+      "samples_before_after.png, curves.png) from its eval.* settings; --prompts, --scorer "
+      "and --pairs replace them.")
 
   def command(argv):
     if len(argv) > 1:
       raise UserError(f"unexpected argument {argv[1]!r}; run with --help for the options")
+    if write_report.value:
+      if not workdir.value:
+        raise UserError("--report needs --workdir, the run to report on")
+      from dpo_jax import report
+      result = report_run(workdir.value, step=step.value, prompts=prompts.value,
+                          scorer_specs=scorer.value, pairs=pairs.value)
+      for line in report.summary_lines(result, workdir.value):
+        print(line)
+      return
     if not workdir.value or not (pairs.value or prompts.value):
       raise UserError("--workdir and one of --pairs or --prompts are required")
     if prompts.value and not output.value:

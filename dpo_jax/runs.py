@@ -35,6 +35,19 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     checkpointer.close()
 
 
+def with_defaults(config: dict):
+  """The run's saved config on top of today's defaults, as a ConfigDict: keys added since
+  the run was saved (e.g. eval.report_batch) take their default."""
+  from dpo_jax import default_config
+
+  def merge(base: dict, saved: dict) -> dict:
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(
+        base.get(k), dict) else v for k, v in saved.items()}}
+
+  import ml_collections
+  return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), config))
+
+
 def run_pipeline(config: dict, **options):
   """The diffusers pipeline a run trained from (its model.unet_init UNet, its model.vae):
   the reference model, whose UNet params a checkpoint's policy replaces."""

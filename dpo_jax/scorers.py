@@ -22,6 +22,12 @@ the preprocessing of the scorer's own `CLIPImageProcessor` and one formula on to
                       DiffusionDPO's utils/aes_utils.py. The MLP is five Linear layers without
                       activations (Dropouts between them are inactive at evaluation).
 
+Rules that need no model are scorers too, with the same call:
+
+  'centred'           the demo's rater (dpo_jax/demo/judge.py): 1 minus the distance of the
+                      subject's centroid from the canvas centre, as a fraction of the
+                      half-diagonal; 0 when nothing is drawn.
+
 cos is the cosine similarity of the projected embeddings (`get_image_features`,
 `get_text_features`) of image i and prompt i; every score is float32 of shape (B,).
 """
@@ -54,6 +60,7 @@ _TEXT_FORMULAS = {
     "pickscore": lambda cos, logit_scale: jnp.exp(logit_scale) * cos,
 }
 KINDS = (*_TEXT_FORMULAS, "aesthetic")
+RULE_KINDS = ("centred",)  # Need no folder: `load_scorer(None, 'centred')`.
 
 # nn.Sequential indices of the aesthetic MLP's Linear layers; 1, 3 and 5 are Dropouts.
 _MLP_LINEARS = (0, 2, 4, 6, 7)
@@ -283,7 +290,13 @@ class Scorer:
     return self.batch_sharding.mesh.size if self.batch_sharding is not None else 1
 
 
-def load_scorer(folder: str, kind: str, *, processor_folder: str | None = None,
+def load_rule(kind: str):
+  """A rule scorer (`RULE_KINDS`): `rule(images, prompts) -> float32 (B,)` on the host."""
+  from dpo_jax.demo import judge
+  return {"centred": judge.CentredJudge}[kind]()
+
+
+def load_scorer(folder: str | None, kind: str, *, processor_folder: str | None = None,
                 mlp_path: str | None = None, dtype=jnp.float32,
                 attention_implementation: str = "xla") -> Scorer:
   """A scorer from a transformers CLIPModel folder (config.json + model.safetensors).
@@ -293,8 +306,15 @@ def load_scorer(folder: str, kind: str, *, processor_folder: str | None = None,
   the aesthetic MLP as safetensors ('aesthetic' only). `dtype` is CLIP's compute dtype; norms,
   formulas and the MLP stay float32.
   """
+  if kind in RULE_KINDS:
+    if folder or processor_folder or mlp_path:
+      raise UserError(f"the '{kind}' scorer is a rule and reads no model files; name it alone "
+                      f"(--scorer {kind})")
+    return load_rule(kind)
   if kind not in KINDS:
-    raise UserError(f"scorer kind {kind!r} is not one of {', '.join(KINDS)}")
+    raise UserError(f"scorer kind {kind!r} is not one of {', '.join(KINDS + RULE_KINDS)}")
+  if not folder:
+    raise UserError(f"the '{kind}' scorer needs its model folder: {kind}=FOLDER")
   if (kind == "aesthetic") != (mlp_path is not None):
     raise UserError("the 'aesthetic' scorer, and only it, needs mlp_path (the MLP's "
                     f"safetensors; convert the published .pth once with `{MLP_CONVERSION}`)")

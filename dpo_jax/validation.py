@@ -24,6 +24,16 @@ def check(config: ml_collections.ConfigDict) -> None:
   """One-line refusals of an `eval.*` setting that cannot run, before anything loads."""
   if config.eval.every < 0:
     raise UserError(f"eval.every must be >= 0 (0: no validation), got {config.eval.every}")
+  if config.eval.report:
+    if not (config.eval.prompts and scorer_specs(config.eval.scorers)):
+      raise UserError("eval.report judges samples of eval.prompts: set eval.prompts and "
+                      "eval.scorers (the first one judges the win rate)")
+    if not config.model.pretrained:
+      raise UserError("eval.report compares the tuned model with model.pretrained: set it, "
+                      "or eval.report=False")
+    if config.eval.report_images_per_prompt < 1:
+      raise UserError("eval.report_images_per_prompt must be >= 1, got "
+                      f"{config.eval.report_images_per_prompt}")
   if not config.eval.every:
     return
   if not (config.eval.pairs or config.eval.prompts):
