@@ -17,7 +17,10 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 
+# The demo trains and then writes its report (report.json, samples_before_after.png,
+# curves.png) into the workdir; a second run starts afresh.
 demo: install
+	rm -rf workdirs/demo
 	$(BIN)/python -m dpo_jax.main --config configs/demo.py --workdir workdirs/demo
 
 lint: install-test

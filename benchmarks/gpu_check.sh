@@ -30,8 +30,8 @@ run() {
 }
 
 if [[ -n "${SMOKE:-}" ]]; then
-  SD15=(--config configs/demo.py --config.train.batch_pairs=2)
-  SDXL=(--config configs/demo.py --config.train.batch_pairs=2 --config.model.remat=true)
+  SD15=(--config configs/synthetic.py --config.train.batch_pairs=2)
+  SDXL=(--config configs/synthetic.py --config.train.batch_pairs=2 --config.model.remat=true)
   AGREE=(--preset sd15 --size 8 --width-divisor 10 --batches 1)
   CUDNN=()  # No cuDNN on a CPU: the runs keep XLA's attention.
 else

@@ -1,7 +1,7 @@
 """Sampling throughput: images/s of `sampler.denoise` (DDIM with classifier-free guidance, one
 compiled lax.scan over the steps) on a random UNet, compile time apart.
 
-  python benchmarks/sampling_throughput.py --unet demo --resolution 64 --batch 8
+  python benchmarks/sampling_throughput.py --unet synthetic --resolution 64 --batch 8
   python benchmarks/sampling_throughput.py --unet sd15 --width-divisor 2 --resolution 256
 
 The VAE decode and the text encoders run once per image, outside the loop, and are not
@@ -24,17 +24,18 @@ from dpo_jax.models import unet as unet_lib, unet_presets
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def demo_unet() -> dict:
-  """configs/demo.py's UNet, read by path as config_flags reads it."""
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
+def synthetic_unet() -> dict:
+  """configs/synthetic.py's UNet, read by path as config_flags reads it."""
+  spec = importlib.util.spec_from_file_location(
+      "synthetic", os.path.join(REPO, "configs", "synthetic.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return dict(module.DEMO_UNET)
+  return dict(module.SYNTHETIC_UNET)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--unet", default="demo", choices=["demo", "sd15", "sd21"])
+  parser.add_argument("--unet", default="synthetic", choices=["synthetic", "sd15", "sd21"])
   parser.add_argument("--width-divisor", type=int, default=1)
   parser.add_argument("--resolution", type=int, default=64, help="pixels (latents: /8)")
   parser.add_argument("--batch", type=int, default=8)
@@ -44,7 +45,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
 
-  config = demo_unet() if args.unet == "demo" else dict(unet_presets.PRESETS[args.unet])
+  config = synthetic_unet() if args.unet == "synthetic" else dict(unet_presets.PRESETS[args.unet])
   if args.width_divisor > 1:
     config["block_out_channels"] = [c // args.width_divisor for c in config["block_out_channels"]]
   unet = unet_lib.build_unet(config, dtype=jnp.dtype(args.dtype))

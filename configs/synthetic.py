@@ -1,12 +1,14 @@
-"""The CPU demo, the embedded default (`python -m dpo_jax.main` with no --config): a tiny
-random UNet learns a synthetic latent preference in about a minute on a laptop CPU."""
+"""A tiny random UNet on synthetic latent pairs made in memory: no files, no pipeline. The
+quickest config that trains (a minute on a laptop CPU): for the tests, the benchmark harness
+and a machine's first check. The learnable preference (winners have a positive mean in
+channel 0) is learnt within a few steps; there is nothing to look at (see configs/demo.py)."""
 import ml_collections
 
 from dpo_jax import default_config
 
 # A UNet shaped like SD1.5's (cross-attention at the top level, none at the bottom), small
 # enough to train on a laptop CPU in a minute.
-DEMO_UNET = dict(
+SYNTHETIC_UNET = dict(
     in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -15,7 +17,7 @@ DEMO_UNET = dict(
 
 def get_config():
   config = default_config.get_config()
-  config.model.unet = ml_collections.ConfigDict(DEMO_UNET)
+  config.model.unet = ml_collections.ConfigDict(SYNTHETIC_UNET)
   # Latent pairs made in memory (winners have a positive mean in channel 0): no files.
   config.data.format = "synthetic"
   config.data.resolution = 64  # 8×8 latents.

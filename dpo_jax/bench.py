@@ -1,7 +1,7 @@
 """Times the real train step on random weights: pairs/s, step time, FLOPs, MFU and memory.
 
   python -m dpo_jax.bench --config configs/sd15.py --unet sd15 [--config.KEY=VALUE ...]
-  python -m dpo_jax.bench --config configs/demo.py          # CPU-sized: the config's UNet
+  python -m dpo_jax.bench --config configs/synthetic.py          # CPU-sized: the config's UNet
 
 The step is `train.build_program`'s, the one `train` runs, fed latent-cache batches (VAE
 moments and text embeddings, random), so no encoder runs and nothing is downloaded. Compile

@@ -77,8 +77,12 @@ def draw_pairs(generate, prompts, judge, output: str, *, pairs_per_prompt: int,
   return counts
 
 
+def _print(text: str) -> None:
+  print(text, flush=True)
+
+
 def prepare(config: ml_collections.ConfigDict, pipe, workdir: str,
-            log=print) -> ml_collections.ConfigDict:
+            log=_print) -> ml_collections.ConfigDict:
   """Draws the pairs (once: a resumed run finds them) and returns the config that reads
   them: data.format='pickapic' on WORKDIR/pairs, eval.pairs on WORKDIR/pairs_heldout."""
   import jax
@@ -96,6 +100,7 @@ def prepare(config: ml_collections.ConfigDict, pipe, workdir: str,
                  seed + 10_000_000))
   todo = [job for job in jobs if not os.path.exists(os.path.join(workdir, job[0], DONE))]
   if todo and jax.process_index() == 0:  # One writer; the others wait at the barrier below.
+    log(f"drawing preference pairs from {config.model.pretrained} (once for this workdir)")
     kind, judge_options = evaluate.parse_scorer(options.judge)
     judge = scorers.load_scorer(judge_options.pop("folder"), kind, **judge_options)
     generate = sample.make_generator(pipe, pipe.unet_params, steps=options.steps,

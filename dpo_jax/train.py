@@ -56,7 +56,7 @@ def load_models(config: ml_collections.ConfigDict) -> Models:
     if not config.model.unet:
       raise UserError("model.pretrained is not set and model.unet is empty; pass "
                       "--config.model.pretrained=PIPELINE (a diffusers folder or hub id), or "
-                      "start from a config that sets model.unet (configs/demo.py)")
+                      "start from a config that sets model.unet (configs/synthetic.py)")
     unet = unet_lib.build_unet(config.model.unet.to_dict(), where="config model.unet", **options)
     return Models(unet, init_params(unet, jax.random.key(config.train.seed)),
                   noise_schedule(diffusion.DEFAULT_SCHEDULER, config))
@@ -188,12 +188,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   `devices` (default: all) is the set the mesh is laid over.
   """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
   _use_compilation_cache(config, workdir)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
   models = load_models(config)
+  if config.data.format == "sampled":  # Draws the pairs (once), then reads them as files.
+    from dpo_jax import sampled_pairs
+    config = sampled_pairs.prepare(config, models.pipeline, workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
   # The data first: a cache made by other encoders, or files that cannot be read, are
   # refused before minutes of compiling.
   data = make_data_iterator(config, models)
@@ -219,6 +222,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   run = _Run(config, step_fn, batches, data, checkpointer, log, validator)
   try:
     state = _run_steps(run, start, state)
+    if config.eval.report:
+      _final_report(run, state, models.pipeline, workdir)
   finally:
     checkpointer.wait()
     checkpointer.close()
@@ -322,6 +327,21 @@ def _validate(run: _Run, step: int, state) -> None:
   if run.validator is not None:
     metrics, grid = run.validator.run(step, params, reference)
     run.log.write_eval(step, metrics, grid)
+
+
+def _final_report(run: _Run, state, pipe, workdir: str) -> None:
+  """`report.write_report` on process 0 from host copies of the params (every host joins
+  the gather); the console's last lines say where to look."""
+  from jax.experimental import multihost_utils
+  params, reference = multihost_utils.process_allgather(
+      (state.params, state.reference_params), tiled=True)
+  if jax.process_index() == 0:
+    from dpo_jax import report as report_lib
+    run.log.print("writing the report: sampling the pretrained and the tuned model")
+    report = report_lib.write_report(run.config, pipe, params, reference, workdir,
+                                     step=run.config.train.steps)
+    for line in report_lib.summary_lines(report, workdir):
+      run.log.print(line)
 
 
 def _data_counts(run: _Run) -> dict[str, int]:

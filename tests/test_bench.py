@@ -13,7 +13,7 @@ from subprocesses import run_module
 
 def _tiny_config(reference_pass: str, pairs: int, unet=None) -> config_dict.ConfigDict:
   """The demo's UNet (or `unet`) at 32 px, in float32 (bf16 compiles slower on CPUs)."""
-  config = tiny_config.demo_config()
+  config = tiny_config.synthetic_config()
   if unet:
     config.model.unet = config_dict.ConfigDict(dict(unet))
   config.data.resolution = 32
@@ -50,7 +50,7 @@ def test_shared_pass_counted_once_by_xla():
 
 @pytest.mark.slow
 def test_command_prints_json_last():
-  done = run_module("dpo_jax.bench", "--config", "configs/demo.py", "--steps", "1",
+  done = run_module("dpo_jax.bench", "--config", "configs/synthetic.py", "--steps", "1",
                     "--warmup", "0", "--config.train.batch_pairs=2")
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])

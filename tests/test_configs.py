@@ -174,4 +174,13 @@ def test_base_is_neutral_and_the_demo_is_the_embedded_default():
   assert base.data.format == "pickapic"
   assert os.path.samefile(cli._DEFAULT_CONFIG, os.path.join(REPO, "configs", "demo.py"))
   demo = _load("demo")
-  assert demo.data.format == "synthetic" and demo.model.unet and demo.model.pretrained is None
+  # The demo starts from the shipped base model, draws its own pairs and reports at the end.
+  from dpo_jax import demo as demo_lib
+  assert demo.model.pretrained == demo_lib.BASE_MODEL
+  assert os.path.isfile(os.path.join(demo.model.pretrained, "model_index.json"))
+  assert demo.data.format == "sampled" and demo.data.sampled.judge == "centred"
+  assert demo.eval.report and demo.eval.scorers == "centred"
+  assert demo.eval.prompts == demo.data.sampled.heldout_prompts != demo.data.sampled.prompts
+  synthetic = _load("synthetic")
+  assert synthetic.data.format == "synthetic" and synthetic.model.unet
+  assert synthetic.model.pretrained is None

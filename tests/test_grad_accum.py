@@ -10,7 +10,7 @@ from dpo_jax import train
 
 
 def _run(tmp_path, grad_accum: int):
-  config = tiny_config.demo_config()
+  config = tiny_config.synthetic_config()
   config.train.steps = 2
   config.train.batch_pairs = 8
   config.train.grad_accum = grad_accum

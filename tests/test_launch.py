@@ -10,7 +10,7 @@ import subprocesses
 def _local_multiprocess(workdir, *args):
   # Compiled with most optimisations off (subprocesses' default): compiling dominates this run.
   return subprocesses.run(
-      ["bash", "launch/local_multiprocess.sh", "2", "configs/demo.py", str(workdir), *args],
+      ["bash", "launch/local_multiprocess.sh", "2", "configs/synthetic.py", str(workdir), *args],
       timeout=300)
 
 

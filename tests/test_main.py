@@ -1,4 +1,5 @@
-"""The command line end to end: the embedded demo trains, and user mistakes exit 2 in one line."""
+"""The command line end to end: a run trains and logs, and user mistakes exit 2 in one line
+(the embedded demo itself: tests/test_demo.py)."""
 import json
 import math
 
@@ -6,8 +7,8 @@ import pytest
 
 import subprocesses
 
-SMALL = ["--config.train.steps=6", "--config.train.log_every=3", "--config.data.resolution=32",
-         "--config.train.batch_pairs=4"]
+SMALL = ["--config=configs/synthetic.py", "--config.train.steps=6", "--config.train.log_every=3",
+         "--config.data.resolution=32", "--config.train.batch_pairs=4"]
 
 
 def _main(*args, workdir=None, devices=1, **env):
@@ -16,7 +17,7 @@ def _main(*args, workdir=None, devices=1, **env):
 
 
 @pytest.mark.slow
-def test_demo_trains_and_logs_metrics(tmp_path):
+def test_synthetic_run_trains_and_logs_metrics(tmp_path):
   # No cache configured outside: the run keeps its compiled programs in WORKDIR/xla_cache.
   result = _main(*SMALL, workdir=tmp_path, JAX_COMPILATION_CACHE_DIR="")
   assert result.returncode == 0, result.stderr[-2000:]

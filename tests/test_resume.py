@@ -12,7 +12,7 @@ from dpo_jax.errors import UserError
 
 
 def _config():
-  config = tiny_config.demo_config()
+  config = tiny_config.synthetic_config()
   config.train.steps = 6
   config.train.ckpt_every = 3
   config.train.log_every = 1

@@ -160,8 +160,9 @@ def test_prepare_draws_once_and_points_the_run_at_the_pairs(tmp_path, monkeypatc
   assert len(made) == 1
   assert made[0] == (pipe, pipe.unet_params, {"steps": 20, "guidance_scale": 3.0,
                                               "resolution": 32, "batch": 64})
-  assert len(lines) == 2 and "pairs: 4 pairs of 2 prompts" in lines[0]
-  assert "pairs_heldout: 3 pairs of 1 prompts" in lines[1] and "centred" in lines[1]
+  assert len(lines) == 3 and lines[0].startswith("drawing preference pairs")
+  assert "pairs: 4 pairs of 2 prompts" in lines[1]
+  assert "pairs_heldout: 3 pairs of 1 prompts" in lines[2] and "centred" in lines[2]
 
   # Training pairs, then held-out ones; each drawn as (first images, second images).
   (train_a, train_b, held_a, held_b) = [seeds for _, seeds in generate.calls]
@@ -186,7 +187,7 @@ def test_prepare_draws_once_and_points_the_run_at_the_pairs(tmp_path, monkeypatc
     raise AssertionError("pairs drawn again")
   monkeypatch.setattr(sample, "make_generator", no_generator)
   again = sampled_pairs.prepare(config, pipe, workdir, log=lines.append)
-  assert again.to_dict() == prepared.to_dict() and len(lines) == 2
+  assert again.to_dict() == prepared.to_dict() and len(lines) == 3
 
 
 def test_prepare_draws_only_the_pairs_not_yet_done(tmp_path, monkeypatch):
@@ -200,7 +201,7 @@ def test_prepare_draws_only_the_pairs_not_yet_done(tmp_path, monkeypatch):
   generate, made = _patch_generator(monkeypatch)
   lines = []
   sampled_pairs.prepare(config, pipe, workdir, log=lines.append)
-  assert len(made) == 1 and len(lines) == 1 and lines[0].startswith("pairs_heldout:")
+  assert len(made) == 1 and len(lines) == 2 and lines[1].startswith("pairs_heldout:")
   assert [seeds for _, seeds in generate.calls] == [[10_000_100, 10_000_102, 10_000_104],
                                                     [10_000_101, 10_000_103, 10_000_105]]
   assert os.path.exists(os.path.join(workdir, "pairs_heldout", sampled_pairs.DONE))

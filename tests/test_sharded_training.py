@@ -10,7 +10,7 @@ from dpo_jax import train
 
 
 def _config(data: int, fsdp: int):
-  config = tiny_config.demo_config()
+  config = tiny_config.synthetic_config()
   config.train.steps = 4
   config.train.batch_pairs = 8
   config.train.log_every = 1

@@ -11,7 +11,7 @@ from dpo_jax.train_step import NoiseOptions, make_pair_loss, make_train_step, pa
 
 
 def _step_flops(loss_name: str, reference_pass: str, pairs: int = 4, size: int = 32) -> float:
-  config = tiny_config.demo_config()
+  config = tiny_config.synthetic_config()
   models = train.load_models(config)
   optimizer = optim.make_optimizer(config)
   state = jax.eval_shape(lambda p: train._initial_state(p, optimizer, config),
@@ -75,7 +75,7 @@ def test_input_perturbation_noises_the_input_only():
 
 
 def test_zero_terminal_snr_and_timestep_sets_are_checked_against_the_schedule():
-  config = tiny_config.demo_config()
+  config = tiny_config.synthetic_config()
   config.diffusion.zero_terminal_snr = True
   schedule = train.load_models(config).schedule
   assert schedule.alphas_cumprod[-1] == 0.0 and schedule.alphas_cumprod[0] > 0.99

@@ -1,4 +1,4 @@
-"""The tests' configs: the tiny end-to-end run (`get_config`) and the CPU demo (`demo_config`).
+"""The tests' configs: the tiny end-to-end run (`get_config`) and `synthetic_config`.
 
 `get_config()` is a small diffusers pipeline on Pick-a-Pic parquet at 32 px. Tests import it
 or pass its path to the commands, with the pipeline and the data on the command line:
@@ -12,7 +12,7 @@ import os
 from dpo_jax import default_config
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "demo.py")
+                    "synthetic.py")
 
 
 def get_config():
@@ -27,10 +27,10 @@ def get_config():
   return config
 
 
-def demo_config():
-  """configs/demo.py's config (a random demo UNet on synthetic latents), imported by path as
+def synthetic_config():
+  """configs/synthetic.py's config (a random tiny UNet on synthetic latents), imported by path as
   config_flags does."""
-  spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+  spec = importlib.util.spec_from_file_location("synthetic_config", DEMO)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
