@@ -45,6 +45,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not config.diffusion[key] >= 0:
       raise UserError(f"diffusion.{key} must be >= 0, got {config.diffusion[key]}")
   timesteps(config)
+  profile_window(config)
   from dpo_jax import validation  # Its own keys' rules live with it.
   validation.check(config)
   if config.data.resolution % 8:
@@ -82,3 +83,19 @@ def timesteps(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
   if min(values) < 0:
     raise UserError(f"diffusion.timesteps={text!r} holds a negative timestep")
   return values
+
+
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """train.profile_steps 'A,B' -> (A, B), 1 <= A <= B <= train.steps; unset -> None."""
+  text = config.train.get("profile_steps")
+  if not text:
+    return None
+  try:
+    first, last = (int(part) for part in str(text).split(","))
+  except ValueError:
+    raise UserError(f"train.profile_steps={text!r}: write two step numbers 'A,B', e.g. "
+                    "'10,15'") from None
+  if not 1 <= first <= last <= config.train.steps:
+    raise UserError(f"train.profile_steps={text!r}: need 1 <= A <= B <= train.steps "
+                    f"({config.train.steps})")
+  return first, last

@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   # back instead of compiling again (minutes for SD-size steps on a GPU). Unset: WORKDIR/
   # xla_cache, unless JAX_COMPILATION_CACHE_DIR already names one; '' turns it off.
   config.train.compilation_cache_dir = config_dict.placeholder(str)
+  # 'A,B': a jax.profiler trace of steps A..B (after compilation) in WORKDIR/profile, for
+  # TensorBoard's profile plugin or Perfetto (xprof). Unset: no trace.
+  config.train.profile_steps = config_dict.placeholder(str)
 
   # Devices form a ('data', 'fsdp') mesh; -1 takes what the other axis leaves. Params and
   # optimizer state are sharded over 'fsdp' (keep it within one host's NVLink/ICI domain).

@@ -219,7 +219,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     batches = _step_inputs(first, data, program.step_input)
   else:
     step_fn, batches = program.step_fn, iter(())
-  run = _Run(config, step_fn, batches, data, checkpointer, log, validator)
+  run = _Run(config, step_fn, batches, data, checkpointer, log, validator,
+             profile_folder=os.path.join(workdir, "profile"))
   try:
     state = _run_steps(run, start, state)
     if config.eval.report:
@@ -292,13 +293,24 @@ class _Run:
   checkpointer: Checkpointer
   log: MetricsLog
   validator: Any = None  # `validation.Validation` on process 0 when eval.every is set.
+  profile_folder: str = ""  # Where train.profile_steps' trace goes.
 
 
 def _run_steps(run: _Run, start: int, state):
   """Steps start + 1 .. train.steps: step, log, save; stop, saved, on too much bad data."""
   last = run.config.train.steps
+  window = config_checks.profile_window(run.config)
+  tracing = False  # A run resumed inside the window does not trace it.
   for step in range(start + 1, last + 1):
+    if window and step == window[0]:
+      jax.profiler.start_trace(run.profile_folder)
+      tracing = True
     state, metrics = run.step_fn(state, next(run.batches))
+    if tracing and step == window[1]:
+      tracing = False
+      jax.block_until_ready(state)  # The trace holds the window's device work, all of it.
+      jax.profiler.stop_trace()
+      run.log.print(f"profile of steps {window[0]}..{window[1]}: {run.profile_folder}")
     too_bad = _log(run, step, metrics) if _is_log_step(run.config, step) else None
     if too_bad or step == last or run.checkpointer.due(step):
       _save(run, step, state, force=bool(too_bad) or step == last)

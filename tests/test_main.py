@@ -19,7 +19,8 @@ def _main(*args, workdir=None, devices=1, **env):
 @pytest.mark.slow
 def test_synthetic_run_trains_and_logs_metrics(tmp_path):
   # No cache configured outside: the run keeps its compiled programs in WORKDIR/xla_cache.
-  result = _main(*SMALL, workdir=tmp_path, JAX_COMPILATION_CACHE_DIR="")
+  result = _main(*SMALL, "--config.train.profile_steps=2,3", workdir=tmp_path,
+                 JAX_COMPILATION_CACHE_DIR="")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "compiled the train step in" in result.stdout
   assert "XLA's memory estimate per device" in result.stdout
@@ -38,6 +39,9 @@ def test_synthetic_run_trains_and_logs_metrics(tmp_path):
   assert [r["data_pairs_kept"] for r in records] == [batch * r["step"] for r in records]
   assert f"data: kept {6 * batch}, skipped 0 bad" in result.stdout
   assert list((tmp_path / "tensorboard").iterdir())
+  # The profiler window: one trace (TensorBoard's plugin layout) of steps 2..3.
+  assert f"profile of steps 2..3: {tmp_path / 'profile'}" in result.stdout
+  assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -49,6 +53,8 @@ def test_synthetic_run_trains_and_logs_metrics(tmp_path):
     (["--config.data.max_bad_fraction=2"], "data.max_bad_fraction must be in [0, 1]"),
     (["--config.data.cache_dir=/nowhere"], "data.cache_dir needs model.pretrained"),
     (["--config.data.format=tfds"], "data.tfds_name is not set"),
+    (["--config.train.profile_steps=5"], "train.profile_steps='5': write two step numbers"),
+    (["--config.train.profile_steps=3,99"], "need 1 <= A <= B <= train.steps (6)"),
 ])
 def test_user_mistakes_end_in_one_line_and_status_2(tmp_path, args, expected):
   result = _main(*SMALL, *args, workdir=tmp_path)
