@@ -2,6 +2,7 @@
 
   python -m dpo_jax.bench --config configs/sd15.py --unet sd15 [--config.KEY=VALUE ...]
   python -m dpo_jax.bench --config configs/synthetic.py          # CPU-sized: the config's UNet
+  python -m dpo_jax.bench --config configs/synthetic.py --torch  # and PyTorch's, same shapes
 
 The step is `train.build_program`'s, the one `train` runs, fed latent-cache batches (VAE
 moments and text embeddings, random), so no encoder runs and nothing is downloaded. Compile
@@ -12,7 +13,12 @@ forward and backward on winner and loser, 3 × 2, reference forward on both, 2),
 forward's FLOPs per image come from XLA's cost analysis of one UNet call. XLA's count for
 the whole step is reported too (`flops_per_step`); with `dpo.reference_pass='shared'` it
 leaves out one forward pass per image (XLA counts a loop body once).
+
+--torch also times the official PyTorch step (diffusers' UNet, `bench_torch`) on the same
+UNet config, batch, latent and text shapes and dtype, in the same process: `torch_*` keys and
+`speedup` = pairs_per_sec / torch_pairs_per_sec. torch is imported only then.
 """
+import importlib
 import json
 import os
 import platform
@@ -128,16 +134,51 @@ def forward_flops_per_image(models: train.Models, resolution: int) -> float:
   return float(lowered.cost_analysis()["flops"])
 
 
+def _import_bench_torch():
+  try:
+    return importlib.import_module("dpo_jax.bench_torch")
+  except ModuleNotFoundError as error:
+    if (error.name or "").split(".")[0] not in ("torch", "diffusers"):
+      raise
+    raise UserError("--torch needs PyTorch and diffusers: install PyTorch's CPU build first "
+                    "(pip install torch==2.13.0), then pip install -e '.[test]' (or "
+                    "'.[export]')") from None
+
+
+def torch_reference(config: ml_collections.ConfigDict, preset: str | None,
+                    models: train.Models, steps: int, warmup: int) -> dict:
+  """`bench_torch.torch_bench` on this run's UNet config and `encoded_batch`'s shapes."""
+  unet = models.unet.config
+  return _import_bench_torch().torch_bench(
+      unet_config(config, preset), pairs=config.train.batch_pairs,
+      latent_size=config.data.resolution // models.encoders.vae.config.downscale_factor,
+      context_length=77, context_width=unet.cross_attention_dim[0],
+      pooled_width=_pooled_width(unet) if models.encoders.kind == "sdxl" else None,
+      beta=config.dpo.beta, lr=config.optim.peak_lr or 1e-8,
+      weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip_norm,
+      bf16=config.model.compute_dtype == "bfloat16", steps=steps, warmup=warmup,
+      seed=config.train.seed, gradient_checkpointing=config.model.remat)
+
+
 def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps: int = 10,
-          warmup: int = 2, devices=None) -> dict:
+          warmup: int = 2, devices=None, torch: bool = False) -> dict:
   """Compiles and times `steps` train steps after `warmup` untimed ones on `devices`
-  (default: all)."""
+  (default: all); with `torch`, the PyTorch reference's too (`torch_reference`)."""
   config = ml_collections.ConfigDict(config.to_dict())  # A copy: batches arrive encoded,
   config.data.cache_dir = "(random latent-cache batches)"  # as from a latent cache.
   config_checks.check_config(config)
+  if torch:
+    _import_bench_torch()  # A missing torch fails here, before anything is compiled.
+  reference = {}
+  if torch:
+    # PyTorch runs before JAX's first device use: on a GPU, JAX's client reserves 75% of
+    # the memory when it starts, and PyTorch hands its cache back when done.
+    models = random_models(config, preset)
+    reference = torch_reference(config, preset, models, steps, warmup)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
-  models = random_models(config, preset)
+  if not torch:  # After the batch check: SDXL's random params take a while to draw.
+    models = random_models(config, preset)
   state, program = train.build_program(config, models, mesh)
   batches = [program.step_input(encoded_batch(models, config.train.batch_pairs,
                                                config.data.resolution, config.train.seed + i))
@@ -168,6 +209,9 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
   tflops = model_flops_per_step / step_seconds / devices / 1e12
   memory = train.memory_estimate(compiled)
   live = device.memory_stats() or {}
+  pairs_per_sec = config.train.batch_pairs / step_seconds
+  if reference:
+    reference["speedup"] = pairs_per_sec / reference["torch_pairs_per_sec"]
   return {
       "unet": preset or "config", "loss": config.dpo.loss,
       "batch_pairs": config.train.batch_pairs, "grad_accum": config.train.grad_accum,
@@ -177,7 +221,7 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
       "attention": config.model.attention_implementation or "xla",
       "optimizer": config.optim.name, "devices": devices, "device": device.device_kind,
       "backend": jax.default_backend(),
-      "pairs_per_sec": config.train.batch_pairs / step_seconds,
+      "pairs_per_sec": pairs_per_sec,
       "step_seconds": step_seconds, "compile_seconds": compile_seconds, "timed_steps": steps,
       "flops_per_step": xla_flops_per_step,
       "forward_flops_per_image": forward, "model_flops_per_step": model_flops_per_step,
@@ -186,7 +230,7 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
       "peak_bytes_per_device": memory.get("peak"), "memory": memory,
       "measured_peak_bytes": live.get("peak_bytes_in_use"),
       "final_loss": float(metrics["loss"]), "host": platform.node(),
-      "host_cpus": os.cpu_count(),
+      "host_cpus": os.cpu_count(), **reference,
   }
 
 
@@ -196,10 +240,14 @@ def run() -> None:
                              "A release's UNet shape, random weights (default: model.unet).")
   steps = flags.DEFINE_integer("steps", 10, "Timed steps.")
   warmup = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  with_torch = flags.DEFINE_bool("torch", False, "Also time the official PyTorch step "
+                                 "(diffusers' UNet) on the same shapes: torch_* keys, speedup.")
 
   def command(argv):
-    cli.check_arguments(argv, "--config, --config.KEY=VALUE, --unet, --steps, --warmup")
-    result = bench(config.value, preset=preset.value, steps=steps.value, warmup=warmup.value)
+    cli.check_arguments(argv, "--config, --config.KEY=VALUE, --unet, --steps, --warmup, "
+                        "--torch")
+    result = bench(config.value, preset=preset.value, steps=steps.value, warmup=warmup.value,
+                   torch=with_torch.value)
     print(json.dumps(result), flush=True)
 
   cli.run(command)
