@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import subprocesses
 import tiny_models
+from dpo_jax import demo
 from dpo_jax.data import jsonl_pairs, loader
 from dpo_jax.errors import UserError
 
@@ -129,3 +131,48 @@ def test_bad_files_are_one_line_user_errors(tmp_path, tokenizers, files, needle)
 def test_model_filter_is_refused_for_jsonl(pairs_file, tokenizers):
   with pytest.raises(UserError, match="model_filter"):
     _iterator(_config(pairs_file, model_filter="dreamlike"), tokenizers)
+
+
+def test_data_with_no_usable_pair_ends_with_one_line(tmp_path, tokenizers):
+  """Every image path missing: an epoch without a kept pair stops the iterator with a
+  UserError naming the counts and the first bad pair (before, it spun forever)."""
+  lines = [json.dumps({"prompt": "p", "chosen": f"gone/{i}a.png", "rejected": f"gone/{i}b.png"})
+           for i in range(4)]
+  (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+  iterator = _iterator(_config(str(tmp_path / "pairs.jsonl")), tokenizers)
+  with pytest.raises(UserError) as raised:
+    next(iterator)
+  message = str(raised.value)
+  assert ("no usable pair in a whole pass over the data (4 pairs read: skipped 4 bad "
+          "(file 4))") in message
+  assert "the first: pair " in message and "cannot read" in message and "gone/" in message
+  assert "\n" not in message
+
+
+def test_a_pass_with_one_usable_pair_keeps_going(tmp_path, tokenizers):
+  """One readable pair among unreadable ones: batches come, epoch after epoch (the limit is
+  an epoch without a kept pair, not bad pairs in a row, which cross epochs)."""
+  Image.new("RGB", (8, 8), (10, 200, 10)).save(tmp_path / "ok.png")
+  lines = [json.dumps({"prompt": "p", "chosen": f"gone/{i}a.png", "rejected": f"gone/{i}b.png"})
+           for i in range(3)]
+  lines.append(json.dumps({"prompt": "p", "chosen": "ok.png", "rejected": "ok.png"}))
+  (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+  iterator = _iterator(_config(str(tmp_path / "pairs.jsonl"), max_bad_fraction=1.0), tokenizers)
+  for _ in range(6):
+    assert set(next(iterator)["pair_ids"]) == {3}
+
+
+@pytest.mark.slow
+def test_a_run_on_data_with_no_usable_pair_exits_2_in_one_line(tmp_path):
+  """Through the command, with a grain worker process reading: exit 2, one line, seconds."""
+  lines = [json.dumps({"prompt": "p", "chosen": f"gone/{i}a.png", "rejected": f"gone/{i}b.png"})
+           for i in range(4)]
+  (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+  result = subprocesses.run_module(
+      "dpo_jax.main", "--config=tests/tiny_config.py", f"--workdir={tmp_path / 'run'}",
+      f"--config.model.pretrained={demo.BASE_MODEL}", "--config.data.format=jsonl",
+      f"--config.data.train_files={tmp_path / 'pairs.jsonl'}", "--config.data.workers=1",
+      timeout=120)
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "no usable pair in a whole pass" in errors[0], result.stderr[-2000:]

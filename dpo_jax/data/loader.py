@@ -82,17 +82,20 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
     process_index: this host, `jax.process_index()`.
     process_count: the number of hosts, `jax.process_count()`.
   """
-  if config.data.get("cache_dir"):
-    source = latent_cache.LatentCacheSource(config.data.cache_dir)
-    pair_operations = [latent_cache.CachedPair(seed=config.train.seed,
-                                               empty_prompt_prob=config.data.empty_prompt_prob,
-                                               empty_prompt=source.empty_prompt)]
-  else:
-    source = make_source(config.data)
-    pair_operations = [_prepare_pair(config, config.data.empty_prompt_prob),
-                       skips.CountSkipped(), transforms.Tokenize(tokenizers)]
+  cached = bool(config.data.get("cache_dir"))
+  source = (latent_cache.LatentCacheSource(config.data.cache_dir) if cached
+            else make_source(config.data))
+  empty_prompt = source.empty_prompt if cached else None
   if config.data.get("max_train_pairs"):
     source = subset.RandomSubset(source, config.data.max_train_pairs, config.train.seed)
+  if cached:
+    pair_operations = [latent_cache.CachedPair(seed=config.train.seed,
+                                               empty_prompt_prob=config.data.empty_prompt_prob,
+                                               empty_prompt=empty_prompt)]
+  else:
+    pair_operations = [_prepare_pair(config, config.data.empty_prompt_prob),
+                       skips.CountSkipped(pass_length=len(source) // process_count),
+                       transforms.Tokenize(tokenizers)]
   indexed = {"kept": len(source), **source.skipped_at_start}
   error = skips.too_many_bad(indexed, config.data.get("max_bad_fraction", 1.0),
                              "data.train_files")

@@ -11,6 +11,8 @@ import grain.python as grain
 import numpy as np
 from absl import logging
 
+from dpo_jax.errors import UserError
+
 # Left out by the data's design: a tie, a row never judged, a model data.model_filter excludes.
 DESIGN_KINDS = ("tie", "unlabeled", "filtered")
 # line: a malformed JSONL line; label: a null or contradictory label; caption: a null or
@@ -43,16 +45,32 @@ class CountSkipped:
   `pop_counts` takes them out again.
   """
 
+  def __init__(self, pass_length: int | None = None):
+    # Pairs in one epoch of what this pipeline reads: an epoch in which every one of them is
+    # skipped means no pair is usable, and reading on would spin forever without a batch.
+    self._pass_length = pass_length
+
   def __call__(self, records: Iterator[grain.Record]) -> Iterator[grain.Record]:
     pending, warned = dict.fromkeys(KINDS, 0), 0
+    epoch, seen, kept, first_error = None, 0, 0, None  # This epoch's, for the check above.
     for record in records:
+      if record.data.get("epochs") != epoch:
+        epoch, seen, kept, first_error = record.data.get("epochs"), 0, 0, None
+      seen += 1
       kind = record.data.get("skip")
       if kind is None:
+        kept += 1
         counts = {f"skipped_{k}": np.int32(n) for k, n in pending.items()}
         yield grain.Record(record.metadata, {**record.data, **counts})
         pending = dict.fromkeys(KINDS, 0)
         continue
       pending[kind] += 1
+      first_error = first_error or (f"pair {record.data['pair_ids']}: "
+                                    f"{record.data.get('error', kind)}")
+      if self._pass_length and seen == self._pass_length and not kept:
+        raise UserError(f"no usable pair in a whole pass over the data ({seen} pairs read: "
+                        f"{describe(pending)}); the first: {first_error}. Fix or remove "
+                        "the unusable pairs")
       if kind in BAD_KINDS:
         warned += 1
         if warned <= _MAX_WARNINGS:
