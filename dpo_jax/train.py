@@ -1,4 +1,5 @@
 """The training loop: build model, data and optimiser from the config, step, log, checkpoint."""
+import contextlib
 import dataclasses
 import os
 import time
@@ -279,8 +280,36 @@ def _compile(step_fn, state, batch, log: MetricsLog):
                 f"(arguments {memory['argument'] / 2**30:.2f}, temporaries "
                 f"{memory['temp'] / 2**30:.2f})")
   log.print(f"compiled the train step in {seconds:.1f}s{estimate}")
+  limit = device_memory_limit()
+  if memory.get("peak") and limit and memory["peak"] > limit:
+    raise UserError(out_of_memory_message(memory["peak"], limit))
   log.restart_clock()
   return compiled
+
+
+def device_memory_limit(device=None) -> int | None:
+  """Bytes one device may use: the accelerator's own limit, or on CPUs the host's memory
+  shared by its local devices; None where unknown."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if device.platform == "cpu" and hasattr(os, "sysconf"):
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+  return None
+
+
+def out_of_memory_message(needed: int | None, available: int | None) -> str:
+  """One line: what the step needs per device against what there is, and what to change."""
+  amounts = ""
+  if needed:
+    amounts = f" ({needed / 2**30:.1f} GiB per device by XLA's estimate"
+    amounts += f", {available / 2**30:.1f} GiB available)" if available else ")"
+  return (f"the train step does not fit in the device's memory{amounts}: lower "
+          "train.batch_pairs or raise train.grad_accum (same pairs per step, less memory), "
+          "set model.remat=True, model.reference_dtype='bfloat16', model.compute_dtype="
+          "'bfloat16', or a lower data.resolution; `python -m dpo_jax.bench` shows a config's "
+          "memory without training")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,28 +327,63 @@ class _Run:
 
 def _run_steps(run: _Run, start: int, state):
   """Steps start + 1 .. train.steps: step, log, save; stop, saved, on too much bad data."""
-  last = run.config.train.steps
-  window = config_checks.profile_window(run.config)
-  tracing = False  # A run resumed inside the window does not trace it.
-  for step in range(start + 1, last + 1):
-    if window and step == window[0]:
-      jax.profiler.start_trace(run.profile_folder)
-      tracing = True
-    state, metrics = run.step_fn(state, next(run.batches))
-    if tracing and step == window[1]:
-      tracing = False
-      jax.block_until_ready(state)  # The trace holds the window's device work, all of it.
-      jax.profiler.stop_trace()
-      run.log.print(f"profile of steps {window[0]}..{window[1]}: {run.profile_folder}")
-    too_bad = _log(run, step, metrics) if _is_log_step(run.config, step) else None
-    if too_bad or step == last or run.checkpointer.due(step):
-      _save(run, step, state, force=bool(too_bad) or step == last)
-    if _is_eval_step(run.config, step) and not too_bad:
-      _validate(run, step, state)
-    if too_bad:
-      raise UserError(f"{too_bad}. Step {step} is saved: the same command resumes from it")
+  profiler = _Profiler(config_checks.profile_window(run.config), run.profile_folder, run.log)
+  for step in range(start + 1, run.config.train.steps + 1):
+    if step == start + 1:  # Memory runs out, if it does, in the first step.
+      with _out_of_memory_as_user_error():
+        state = _step(run, step, state, profiler)
+    else:
+      state = _step(run, step, state, profiler)
   _report_data(run)
   return state
+
+
+def _step(run: _Run, step: int, state, profiler: "_Profiler"):
+  """One step and what follows it: log, save, validate."""
+  last = run.config.train.steps
+  profiler.before(step)
+  state, metrics = run.step_fn(state, next(run.batches))
+  profiler.after(step, state)
+  too_bad = _log(run, step, metrics) if _is_log_step(run.config, step) else None
+  if too_bad or step == last or run.checkpointer.due(step):
+    _save(run, step, state, force=bool(too_bad) or step == last)
+  if _is_eval_step(run.config, step) and not too_bad:
+    _validate(run, step, state)
+  if too_bad:
+    raise UserError(f"{too_bad}. Step {step} is saved: the same command resumes from it")
+  return state
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_user_error():
+  """XLA's RESOURCE_EXHAUSTED (its estimate fitted, the allocation did not) as one line."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    detail = str(error).splitlines()[0][:200]
+    raise UserError(f"{out_of_memory_message(None, None)} ({detail})") from None
+
+
+class _Profiler:
+  """train.profile_steps: a jax.profiler trace of steps A..B (a run resumed inside the
+  window does not trace it)."""
+
+  def __init__(self, window: tuple[int, int] | None, folder: str, log: MetricsLog):
+    self._window, self._folder, self._log, self._tracing = window, folder, log, False
+
+  def before(self, step: int) -> None:
+    if self._window and step == self._window[0]:
+      jax.profiler.start_trace(self._folder)
+      self._tracing = True
+
+  def after(self, step: int, state) -> None:
+    if self._tracing and step == self._window[1]:
+      self._tracing = False
+      jax.block_until_ready(state)  # The trace holds the window's device work, all of it.
+      jax.profiler.stop_trace()
+      self._log.print(f"profile of steps {self._window[0]}..{self._window[1]}: {self._folder}")
 
 
 def _is_log_step(config: ml_collections.ConfigDict, step: int) -> bool:

@@ -173,3 +173,21 @@ def test_sft_trains_on_the_winners_denoising_loss_and_lowers_it(sd_files, tmp_pa
     assert np.isfinite(float(metrics["grad_norm"])), losses
   assert losses[0] == records[0]["loss"]
   assert all(after < before for before, after in zip(losses, losses[1:])), losses
+
+
+def test_out_of_memory_in_the_first_step_is_one_line():
+  """XLA's estimate can fit and the allocation still fail: RESOURCE_EXHAUSTED becomes a
+  UserError with what to change; any other runtime error passes through unchanged."""
+  import jax
+
+  from dpo_jax import train
+  from dpo_jax.errors import UserError
+  with pytest.raises(UserError, match=r"does not fit in the device's memory: lower "
+                     r"train.batch_pairs.*RESOURCE_EXHAUSTED: Out of memory allocating 99"):
+    with train._out_of_memory_as_user_error():
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 99 bytes.")
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    with train._out_of_memory_as_user_error():
+      raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+  message = train.out_of_memory_message(3 * 2**30, 2**30)
+  assert "(3.0 GiB per device by XLA's estimate, 1.0 GiB available)" in message
