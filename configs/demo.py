@@ -32,7 +32,7 @@ def get_config():
   config.train.log_every = 10
   config.train.ckpt_every = 1000  # Saved at the end only.
   config.dpo.beta = 5000.0
-  # 10× this step wins too, by smearing paint around the centre: the rule only sees a
+  # 5× this step wins too, by smearing paint around the centre: the rule only sees a
   # centroid (README). This one keeps the shapes clean.
   config.optim.peak_lr = 2e-5
   config.eval.report = True
