@@ -3,6 +3,7 @@
   python -m dpo_jax.bench --config configs/sd15.py --unet sd15 [--config.KEY=VALUE ...]
   python -m dpo_jax.bench --config configs/synthetic.py          # CPU-sized: the config's UNet
   python -m dpo_jax.bench --config configs/synthetic.py --torch  # and PyTorch's, same shapes
+  python -m dpo_jax.bench --config configs/synthetic.py --profile /tmp/trace  # + a trace
 
 The step is `train.build_program`'s, the one `train` runs, fed latent-cache batches (VAE
 moments and text embeddings, random), so no encoder runs and nothing is downloaded. Compile
@@ -43,6 +44,7 @@ PEAK_BF16_FLOPS = {
 }
 # UNet forward-equivalents per pair: policy fwd+bwd (3) on each image it sees, reference fwd.
 FORWARDS_PER_PAIR = {"dpo": 8, "sft": 3}
+_PROFILED_STEPS = 3  # Steps in a --profile trace.
 # The releases' VAE latent scaling (their vae/config.json); only the scale matters here.
 _SCALING = {"sd": 0.18215, "sdxl": 0.13025}
 
@@ -161,9 +163,12 @@ def torch_reference(config: ml_collections.ConfigDict, preset: str | None,
 
 
 def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps: int = 10,
-          warmup: int = 2, devices=None, torch: bool = False) -> dict:
+          warmup: int = 2, devices=None, torch: bool = False,
+          profile: str | None = None) -> dict:
   """Compiles and times `steps` train steps after `warmup` untimed ones on `devices`
-  (default: all); with `torch`, the PyTorch reference's too (`torch_reference`)."""
+  (default: all); with `torch`, the PyTorch reference's too (`torch_reference`); with
+  `profile`, a jax.profiler trace of 3 more steps (after the timed ones, so tracing never
+  slows what is timed) in that folder."""
   config = ml_collections.ConfigDict(config.to_dict())  # A copy: batches arrive encoded,
   config.data.cache_dir = "(random latent-cache batches)"  # as from a latent cache.
   config_checks.check_config(config)
@@ -198,6 +203,11 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
     state, metrics = compiled(state, batches[i % 2])
   jax.block_until_ready((state, metrics))
   step_seconds = (time.perf_counter() - started) / steps
+  if profile:
+    with jax.profiler.trace(profile):
+      for i in range(_PROFILED_STEPS):
+        state, metrics = compiled(state, batches[i % 2])
+      jax.block_until_ready((state, metrics))
 
   devices = mesh.devices.size
   device = mesh.devices.flat[0]
@@ -230,7 +240,7 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
       "peak_bytes_per_device": memory.get("peak"), "memory": memory,
       "measured_peak_bytes": live.get("peak_bytes_in_use"),
       "final_loss": float(metrics["loss"]), "host": platform.node(),
-      "host_cpus": os.cpu_count(), **reference,
+      "host_cpus": os.cpu_count(), "profile": profile, **reference,
   }
 
 
@@ -242,12 +252,14 @@ def run() -> None:
   warmup = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   with_torch = flags.DEFINE_bool("torch", False, "Also time the official PyTorch step "
                                  "(diffusers' UNet) on the same shapes: torch_* keys, speedup.")
+  profile = flags.DEFINE_string("profile", None, "A folder for a jax.profiler trace of 3 "
+                                "steps after the timed ones (TensorBoard's profile plugin).")
 
   def command(argv):
     cli.check_arguments(argv, "--config, --config.KEY=VALUE, --unet, --steps, --warmup, "
-                        "--torch")
+                        "--torch, --profile")
     result = bench(config.value, preset=preset.value, steps=steps.value, warmup=warmup.value,
-                   torch=with_torch.value)
+                   torch=with_torch.value, profile=profile.value)
     print(json.dumps(result), flush=True)
 
   cli.run(command)

@@ -49,12 +49,15 @@ def test_shared_pass_counted_once_by_xla():
 
 
 @pytest.mark.slow
-def test_command_prints_json_last():
+def test_command_prints_json_last_and_profiles(tmp_path):
   done = run_module("dpo_jax.bench", "--config", "configs/synthetic.py", "--steps", "1",
-                    "--warmup", "0", "--config.train.batch_pairs=2")
+                    "--warmup", "0", "--config.train.batch_pairs=2",
+                    f"--profile={tmp_path / 'trace'}")
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result["batch_pairs"] == 2 and result["pairs_per_sec"] > 0
+  assert result["profile"] == str(tmp_path / "trace")
+  assert list((tmp_path / "trace").glob("plugins/profile/*/*.xplane.pb"))
 
 
 def test_pipeline_config_needs_a_unet_shape():
