@@ -1,4 +1,5 @@
-"""The same steps on one device and on a 2 x 4 (data x fsdp) mesh of 8 give the same model."""
+"""The same steps on one device and on a 2 x 4 (data x fsdp) mesh of 8 give the same model,
+and a run saved on one mesh resumes on another."""
 import json
 
 import jax
@@ -44,3 +45,28 @@ def test_one_device_and_eight_devices_train_the_same_params(tmp_path):
   moved = np.abs(np.asarray(single.params["conv_in"]["kernel"])
                  - np.asarray(single.reference_params["conv_in"]["kernel"])).max()
   assert moved > 1e-7  # The policy did move, so agreeing after 4 steps means something.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_on, resumed_on", [((2, 4), (2, 1)), ((2, 1), (2, 4))])
+def test_a_run_resumes_on_another_device_count(tmp_path, capsys, saved_on, resumed_on):
+  """Orbax reshards on restore: steps 1-2 on one mesh (8 devices as 2 × 4, or 2 as 2 × 1),
+  steps 3-4 resumed on the other, give the model of 4 steps on one device (float32
+  rounding only)."""
+  single = train.train(_config(1, 1), str(tmp_path / "one"), jax.devices()[:1])
+  first = _config(*saved_on)
+  first.train.steps, first.train.ckpt_every = 2, 2
+  train.train(first, str(tmp_path / "moved"), jax.devices()[:saved_on[0] * saved_on[1]])
+  capsys.readouterr()
+  devices = resumed_on[0] * resumed_on[1]
+  resumed = train.train(_config(*resumed_on), str(tmp_path / "moved"), jax.devices()[:devices])
+  assert f"resumed from step 2 in {tmp_path / 'moved'}" in capsys.readouterr().out
+  assert int(resumed.step) == 4
+  shards = resumed.params["conv_in"]["kernel"].addressable_shards
+  assert len({s.device for s in shards}) == devices
+  steps = [json.loads(line)["step"]
+           for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]  # Steps 3-4 continued from the checkpoint, not from scratch.
+  for a, b in zip(jax.tree_util.tree_leaves(single.params),
+                  jax.tree_util.tree_leaves(resumed.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
