@@ -137,17 +137,24 @@ def implicit_accuracy(config, pipe, policy_params, *, draws: int = 8, batch_pair
   return held_out(policy_params, reference_params(config, pipe))
 
 
-def evaluate_run(workdir: str, pairs: str, *, step: int | None = None, **options) -> dict:
-  """`implicit_accuracy` of the run in `workdir` at checkpoint `step` (default: newest)."""
+def _pipeline_as_trained(run_config: dict, config):
+  """The run's pipeline with its UNet, VAE and text encoders in `config`'s compute dtypes,
+  as training ran them."""
   import jax.numpy as jnp
 
   from dpo_jax import runs
-  run = runs.load_run(workdir, step)
-  config = eval_config(run.config, pairs)
-  pipe = runs.run_pipeline(
-      run.config, dtype=jnp.dtype(config.model.compute_dtype),
+  return runs.run_pipeline(
+      run_config, dtype=jnp.dtype(config.model.compute_dtype),
       vae_dtype=jnp.dtype(config.model.vae_dtype),
       text_encoder_dtype=jnp.dtype(config.model.text_encoder_dtype))
+
+
+def evaluate_run(workdir: str, pairs: str, *, step: int | None = None, **options) -> dict:
+  """`implicit_accuracy` of the run in `workdir` at checkpoint `step` (default: newest)."""
+  from dpo_jax import runs
+  run = runs.load_run(workdir, step)
+  config = eval_config(run.config, pairs)
+  pipe = _pipeline_as_trained(run.config, config)
   return {**implicit_accuracy(config, pipe, run.params, **options), "step": run.step,
           "workdir": workdir, "pairs_file": pairs}
 
@@ -172,6 +179,16 @@ def parse_scorer(spec: str) -> tuple[str, dict]:
                       "mlp=FILE")
     options["processor_folder" if key == "processor" else "mlp_path"] = value
   return kind, options
+
+
+def load_scorers(specs) -> dict:
+  """{kind: scorer} for `--scorer` specs (`parse_scorer`), loaded in order."""
+  from dpo_jax import scorers
+  loaded = {}
+  for spec in specs:
+    kind, options = parse_scorer(spec)
+    loaded[kind] = scorers.load_scorer(options.pop("folder"), kind, **options)
+  return loaded
 
 
 def _score(scorer, images: np.ndarray, prompts, batch: int) -> np.ndarray:
@@ -215,15 +232,12 @@ def evaluate_prompts(workdir: str, prompts_file: str, scorer_specs, output: str,
   in `output`'s folder."""
   from PIL import Image
 
-  from dpo_jax import compare, runs, sample, scorers as scorers_lib
+  from dpo_jax import compare, runs, sample
   from dpo_jax.data import prompts as prompts_lib
   if not scorer_specs:
     raise UserError("--prompts needs at least one --scorer KIND=FOLDER to judge the images")
   prompts = prompts_lib.read_prompts(prompts_file)[:limit]
-  scorers = {}
-  for spec in scorer_specs:
-    kind, scorer_options = parse_scorer(spec)
-    scorers[kind] = scorers_lib.load_scorer(scorer_options.pop("folder"), kind, **scorer_options)
+  scorers = load_scorers(scorer_specs)
   run = runs.load_run(workdir, step)
   pipe = runs.run_pipeline(run.config)
   result, reference, tuned = compare_models(pipe, run.params, prompts, scorers, **options)
@@ -242,8 +256,6 @@ def report_run(workdir: str, *, step: int | None = None, prompts: str | None = N
   """`report.write_report` for the run in `workdir` at checkpoint `step` (default: newest),
   with the run's own eval.* settings; `prompts`, `scorer_specs` and `pairs` replace its
   eval.prompts, eval.scorers and eval.pairs."""
-  import jax.numpy as jnp
-
   from dpo_jax import report, runs
   run = runs.load_run(workdir, step)
   config = runs.with_defaults(run.config)
@@ -256,10 +268,7 @@ def report_run(workdir: str, *, step: int | None = None, prompts: str | None = N
   if not (config.eval.prompts and config.eval.scorers):
     raise UserError(f"--report samples eval.prompts and judges them by eval.scorers, which "
                     f"{workdir}'s config leaves unset: pass --prompts FILE and --scorer SPEC")
-  pipe = runs.run_pipeline(
-      run.config, dtype=jnp.dtype(config.model.compute_dtype),
-      vae_dtype=jnp.dtype(config.model.vae_dtype),
-      text_encoder_dtype=jnp.dtype(config.model.text_encoder_dtype))
+  pipe = _pipeline_as_trained(run.config, config)
   return report.write_report(config, pipe, run.params, reference_params(config, pipe),
                              workdir, step=run.step)
 

@@ -103,10 +103,9 @@ def run() -> None:
     import jax
     import ml_collections
 
-    from dpo_jax import evaluate, scorers
+    from dpo_jax import evaluate
     from dpo_jax.data import loader
-    kind, options = evaluate.parse_scorer(scorer_spec.value)
-    scorer = scorers.load_scorer(options.pop("folder"), kind, **options)
+    (kind, scorer), = evaluate.load_scorers([scorer_spec.value]).items()
     source = loader.make_source(ml_collections.ConfigDict(
         {"format": evaluate.data_format(input_files.value), "train_files": input_files.value}))
     counts = label_pairs(scorer, source, output.value, batch=batch.value,

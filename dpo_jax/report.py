@@ -98,13 +98,10 @@ def write_report(config, pipe, policy_params, reference_params, workdir: str, *,
   `pipe`'s own UNet is the pretrained model. Returns report.json's content."""
   from PIL import Image
 
-  from dpo_jax import compare, evaluate, scorers as scorers_lib, validation
+  from dpo_jax import compare, evaluate, validation
   from dpo_jax.data import prompts as prompts_lib
   options = config.eval
-  scorers = {}
-  for spec in validation.scorer_specs(options.scorers):
-    kind, scorer_options = evaluate.parse_scorer(spec)
-    scorers[kind] = scorers_lib.load_scorer(scorer_options.pop("folder"), kind, **scorer_options)
+  scorers = evaluate.load_scorers(validation.scorer_specs(options.scorers))
   judge = next(iter(scorers))
   prompts = prompts_lib.read_prompts(options.prompts)
   result, reference, tuned = evaluate.compare_models(

@@ -88,7 +88,7 @@ def prepare(config: ml_collections.ConfigDict, pipe, workdir: str,
   import jax
   from jax.experimental import multihost_utils
 
-  from dpo_jax import evaluate, sample, scorers
+  from dpo_jax import evaluate, sample
   from dpo_jax.data import prompts as prompts_lib
   check(config)
   options = config.data.sampled
@@ -101,8 +101,7 @@ def prepare(config: ml_collections.ConfigDict, pipe, workdir: str,
   todo = [job for job in jobs if not os.path.exists(os.path.join(workdir, job[0], DONE))]
   if todo and jax.process_index() == 0:  # One writer; the others wait at the barrier below.
     log(f"drawing preference pairs from {config.model.pretrained} (once for this workdir)")
-    kind, judge_options = evaluate.parse_scorer(options.judge)
-    judge = scorers.load_scorer(judge_options.pop("folder"), kind, **judge_options)
+    (kind, judge), = evaluate.load_scorers([options.judge]).items()
     generate = sample.make_generator(pipe, pipe.unet_params, steps=options.steps,
                                      guidance_scale=options.guidance,
                                      resolution=config.data.resolution, batch=options.batch)

@@ -50,7 +50,7 @@ class Validation:
   """Built once per run (compiles on first use); `run(step, params, reference) -> metrics`."""
 
   def __init__(self, config: ml_collections.ConfigDict, pipe, workdir: str):
-    from dpo_jax import evaluate, sample, scorers as scorers_lib
+    from dpo_jax import evaluate, sample
     from dpo_jax.data import prompts as prompts_lib
 
     self._folder = os.path.join(workdir, "eval")
@@ -68,11 +68,7 @@ class Validation:
                                              guidance_scale=options.guidance,
                                              resolution=config.data.resolution,
                                              batch=len(self._prompts))
-    self._scorers = {}
-    for spec in scorer_specs(options.scorers):
-      kind, scorer_options = evaluate.parse_scorer(spec)
-      self._scorers[kind] = scorers_lib.load_scorer(scorer_options.pop("folder"), kind,
-                                                    **scorer_options)
+    self._scorers = evaluate.load_scorers(scorer_specs(options.scorers))
     self._reference_images = self._reference_scores = None
 
   def run(self, step: int, params, reference_params) -> tuple[dict, np.ndarray | None]:
