@@ -13,6 +13,7 @@ class Run:
   config: dict  # The run's config, as saved with the checkpoint.
   step: int
   params: Any  # The policy UNet's float32 params at `step`, on this host's first device.
+  adapters: Any = None  # A LoRA run's trained adapters (`params` then merges them in).
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
@@ -30,9 +31,31 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if step not in steps:
       raise UserError(f"no checkpoint of step {step} in {workdir}; available: "
                       f"{', '.join(map(str, steps))}")
-    return Run(checkpointer.restore_config(step), step, checkpointer.restore_params(step))
+    config = checkpointer.restore_config(step)
+    trained = checkpointer.restore_params(step)
   finally:
     checkpointer.close()
+  if not config.get("lora", {}).get("enabled"):
+    return Run(config, step, trained)
+  return Run(config, step, merged_lora_params(config, trained), adapters=trained)
+
+
+def merged_lora_params(config: dict, adapters):
+  """A LoRA run's policy UNet: its base (the pipeline's UNet, or the seeded random UNet a
+  run without one started from) with the adapters merged in, as diffusers'
+  `load_lora_weights` + `fuse_lora` would make it."""
+  import jax
+
+  from dpo_jax import lora
+  from dpo_jax.models import unet as unet_lib
+
+  if config["model"].get("pretrained"):
+    base = run_pipeline(config).unet_params
+  else:
+    unet = unet_lib.build_unet(config["model"]["unet"], where="the run's model.unet")
+    base = unet_lib.init_params(unet, jax.random.key(config["train"]["seed"]))
+  settings = lora.settings(with_defaults(config))
+  return jax.device_get(lora.merge(base, adapters, alpha=settings.alpha, rank=settings.rank))
 
 
 def with_defaults(config: dict):
