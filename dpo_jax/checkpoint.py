@@ -5,6 +5,7 @@ Orbax writes asynchronously (training continues while the arrays are written) an
 writes only its own shards. Restoring takes the newest complete step, so re-running the same
 command resumes where the last run stopped, on the same data.
 """
+import dataclasses
 import os
 
 import jax
@@ -39,17 +40,29 @@ class Checkpointer:
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state):
-    """(state, data_state) of `step`, laid out like `abstract_state` (shapes and shardings)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore())
+    """(state, data_state) of `step`, laid out like `abstract_state` (shapes and shardings).
+
+    A state field that the checkpoint predates (its writer had no such field, e.g. the
+    non-finite step counts) keeps its value in `abstract_state`: the run's initial one.
+    """
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
     try:
-      restored = self._manager.restore(step, args=args)
+      saved = self._state_tree(step) or fields
+      target = {name: value for name, value in fields.items() if name in saved}
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
       where = os.path.join(str(self._manager.directory), str(step))
       raise UserError(f"checkpoint {where} cannot be restored ({type(error).__name__}: "
                       f"{str(error).splitlines()[0][:200]}); it was written by a different model "
                       "or config: use a new --workdir or delete that step") from None
-    return restored.state, restored.data
+    return abstract_state.replace(**restored.state), restored.data
+
+  def _state_tree(self, step: int) -> dict | None:
+    """The saved state's tree of array metadata, by field name (None if unreadable)."""
+    path = os.path.join(str(self._manager.directory), str(step), "state")
+    metadata = ocp.StandardCheckpointer().metadata(path)
+    return metadata.item_metadata.tree if metadata.item_metadata is not None else None
 
   def restore_config(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -58,8 +71,8 @@ class Checkpointer:
   def restore_params(self, step: int):
     """Only the policy params of `step`, whole on this host's first device, whatever mesh
     wrote them: what export needs, without the reference or optimiser state in memory."""
+    tree = self._state_tree(step)
     path = os.path.join(str(self._manager.directory), str(step), "state")
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {"params": jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}

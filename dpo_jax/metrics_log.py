@@ -1,5 +1,6 @@
 """metrics.jsonl, TensorBoard events and the console progress line; process 0 only."""
 import json
+import math
 import os
 import time
 
@@ -33,22 +34,23 @@ class MetricsLog:
       return
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "lr": lr,
               "pairs_per_sec": pairs_per_sec}
-    self._file.write(json.dumps(record) + "\n")
+    self._file.write(_json_line(record))
     self._file.flush()
     for key, value in record.items():
-      if key != "step":
+      if key != "step" and _finite(value):  # A gap, as null in metrics.jsonl.
         self._tensorboard.add_scalar(key, value, step)
     eta = seconds_per_step * (self._total - step)
+    skipped = "  skipped: loss or gradient not finite" if record.get("skipped_nonfinite") else ""
     print(f"step {step}/{self._total}  loss {record['loss']:.4f}  "
           f"implicit_acc {record.get('implicit_acc', float('nan')):.3f}  "
-          f"{pairs_per_sec:.1f} pairs/s  eta {eta:.0f}s", flush=True)
+          f"{pairs_per_sec:.1f} pairs/s  eta {eta:.0f}s{skipped}", flush=True)
 
   def write_eval(self, step: int, metrics: dict, grid=None) -> None:
     """Validation metrics (`eval/...`) as their own metrics.jsonl record, and the sample grid
     (uint8 HWC) as a TensorBoard image."""
     if not self._enabled:
       return
-    self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._file.write(_json_line({"step": step, **metrics}))
     self._file.flush()
     for key, value in metrics.items():
       self._tensorboard.add_scalar(key, value, step)
@@ -66,3 +68,13 @@ class MetricsLog:
     if self._enabled:
       self._file.close()
       self._tensorboard.close()
+
+
+def _finite(value) -> bool:
+  return not isinstance(value, float) or math.isfinite(value)
+
+
+def _json_line(record: dict) -> str:
+  """`record` as one line of standard JSON: a NaN or infinite value (a skipped step's loss)
+  becomes null, where json.dumps would write NaN or Infinity, which strict readers refuse."""
+  return json.dumps({k: v if _finite(v) else None for k, v in record.items()}) + "\n"

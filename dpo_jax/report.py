@@ -52,7 +52,7 @@ def read_curves(metrics_path: str) -> dict[str, list[tuple[int, float]]]:
     for line in f:
       record = json.loads(line)
       for key, points in curves.items():
-        if key in record:
+        if record.get(key) is not None:  # None: a skipped step's non-finite value.
           # A resumed run logs again from its checkpoint: the newer record of a step wins.
           points[record["step"]] = record[key]
   return {key: sorted(points.items()) for key, points in curves.items()}
