@@ -101,33 +101,44 @@ def test_indexing_counts_ties_unlabeled_and_bad_labels(odd_file):
   assert source.skipped_at_start == {"label": 2, "unlabeled": 1, "tie": 1, "filtered": 0}
 
 
-def _expected_counts(batches_read: int) -> dict[str, int]:
-  """What `PairBatches.counts` must hold after `batches_read` single-pair batches: every
-  record the sampler handed out up to and including the last kept one, by fate."""
+def _epoch_orders(epochs: int) -> list[int]:
+  """The indexed rows in the order a run reads them, epoch after epoch (grain's shuffle)."""
+  sampler = grain.IndexSampler(len(INDEXED), shard_options=grain.NoSharding(), shuffle=True,
+                               seed=0, num_epochs=None)
+  return [sampler[position].record_key for position in range(epochs * len(INDEXED))]
+
+
+def _expected(batches_read: int) -> tuple[dict[str, int], list[int]]:
+  """What `PairBatches.counts` must hold after `batches_read` single-pair batches (each
+  position's own pair by its fate), and the pairs the rows hold: a position's own pair, or
+  where that is unusable, the next usable pair of its epoch's order."""
   fates = [row[-1] for row in INDEXED]
-  sampler = grain.IndexSampler(len(INDEXED), shard_options=grain.ShardOptions(0, 1, True),
-                               shuffle=True, seed=0, num_epochs=None)
-  counts, position = skips.zero_counts(), 0
-  while counts["kept"] < batches_read:
-    counts[fates[sampler[position].record_key]] += 1
-    position += 1
-  return counts
+  rows = _epoch_orders(batches_read // len(INDEXED) + 1)
+  counts, pairs = skips.zero_counts(), []
+  for position in range(batches_read):
+    counts[fates[rows[position]]] += 1
+    epoch_start = position - position % len(INDEXED)
+    epoch = rows[epoch_start:epoch_start + len(INDEXED)]
+    after = [epoch[(position - epoch_start + step) % len(epoch)] for step in range(len(epoch))]
+    pairs.append(next(pair for pair in after if fates[pair] == "kept"))
+  return counts, pairs
 
 
 def test_every_record_is_kept_or_skipped_and_counted_exactly(odd_file):
   tokenizers = [tiny_models.make_clip_tokenizer(model_max_length=8)]
   batches = loader.make_train_iterator(_config(odd_file[0]), tokenizers, process_index=0,
                                        process_count=1)
-  kept_per_epoch = sum(row[-1] == "kept" for row in INDEXED)
   seen = []
-  for read in range(1, 2 * kept_per_epoch + 2):  # Past two epochs, so the order is shuffled.
+  for read in range(1, 2 * len(INDEXED) + 1):  # Two epochs, so the order is shuffled anew.
     seen.append(int(next(batches)["pair_ids"][0]))
-    assert batches.counts == _expected_counts(read), read
-  assert sorted(seen[:kept_per_epoch]) == [i for i, row in enumerate(INDEXED)
-                                           if row[-1] == "kept"]
+    assert batches.counts == _expected(read)[0], read
+  assert seen == _expected(len(seen))[1]
+  assert set(seen[:len(INDEXED)]) == {i for i, row in enumerate(INDEXED) if row[-1] == "kept"}
+  assert _epoch_orders(2)[:len(INDEXED)] != _epoch_orders(2)[len(INDEXED):]
   # The bad rows of one epoch, by kind, as the summary says them.
   epoch = skips.zero_counts() | {"kept": 5, "image": 5, "caption": 1}
   assert skips.describe(epoch) == "kept 5, skipped 6 bad (caption 1, image 5)"
+  assert batches.counts == skips.add(epoch, epoch)
   assert skips.describe(batches.skipped_at_start) == (
       "skipped 2 bad (label 2), left out 1 tie, 1 unlabeled")
   state = batches.get_state()
@@ -254,7 +265,9 @@ def test_a_run_past_max_bad_fraction_stops_saved_and_resumes(tmp_path, monkeypat
   assert checkpointer.all_steps() == [step]
   checkpointer.close()
   last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-  assert last["step"] == step and last["data_pairs_kept"] == 2 * step
+  # Each of the 2 × step positions is counted once: its pair kept, or skipped for its file
+  # (its row then went to the next usable pair).
+  assert last["step"] == step and last["data_pairs_kept"] + last["data_skipped_file"] == 2 * step
   assert last["data_skipped_file"] > last["data_pairs_kept"] and last["data_bad_fraction"] > 0.5
 
   # Raised past the data's real share, the same command resumes from the saved step, and
@@ -262,5 +275,6 @@ def test_a_run_past_max_bad_fraction_stops_saved_and_resumes(tmp_path, monkeypat
   config.data.max_bad_fraction = 1.0
   train.train(config, workdir, jax.devices()[:1])
   records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-  assert records[-1]["step"] == 3 and records[-1]["data_pairs_kept"] == 6
+  assert records[-1]["step"] == 3
+  assert records[-1]["data_pairs_kept"] + records[-1]["data_skipped_file"] == 6
   assert records[-1]["data_skipped_file"] >= last["data_skipped_file"]

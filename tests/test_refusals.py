@@ -1,12 +1,12 @@
 """Runs that cannot be right are refused, in one line naming what to fix: a latent cache read
-with other encoders than wrote it, a checkpoint resumed with another host count."""
+with other encoders than wrote it."""
 import jax
 import pytest
 
 import tiny_config
 import tiny_data
 import tiny_models
-from dpo_jax import checkpoint, parallel, prepare as prepare_lib, train
+from dpo_jax import prepare as prepare_lib, train
 from dpo_jax.errors import UserError
 
 PAIRS = 8
@@ -74,55 +74,3 @@ def test_the_same_cache_is_read_with_the_encoders_that_wrote_it(pipelines, cache
   batch = next(train.make_data_iterator(config, train.load_models(config)))
   assert "latent_mean" in batch and "pixels" not in batch
   assert len(batch["pair_ids"]) == config.train.batch_pairs
-
-
-def _host_state(next_pair: int = 4) -> dict:
-  return {"next_pair": next_pair}
-
-
-def test_a_checkpoint_of_another_host_count_is_refused_with_both_counts(tmp_path):
-  assert jax.process_count() == 1
-  assert train._this_hosts_data_state({"hosts": [_host_state()]}, str(tmp_path)) == \
-      _host_state()
-  for hosts in (2, 4):
-    with pytest.raises(UserError) as error:
-      train._this_hosts_data_state({"hosts": [_host_state(i) for i in range(hosts)]},
-                                   str(tmp_path))
-    message = _one_line(error)
-    assert str(tmp_path) in message
-    assert f"written by {hosts} process(es) and this run has 1" in message
-    assert "same host count" in message and "new --workdir" in message
-
-
-def test_a_checkpoint_with_one_data_position_for_all_hosts_is_refused(tmp_path):
-  """The older format: the iterator's state itself, without a per-host list."""
-  with pytest.raises(UserError) as error:
-    train._this_hosts_data_state(_host_state(), str(tmp_path))
-  message = _one_line(error)
-  assert str(tmp_path) in message and "older dpo_jax" in message
-  assert "new --workdir" in message
-
-
-@pytest.mark.slow
-def test_resuming_a_checkpoint_written_by_two_hosts_is_refused(pipelines, tmp_path):
-  """A real resume: a step-1 checkpoint of this run's state whose data state lists two
-  hosts' positions, as two processes write it. train() refuses it before any step."""
-  config = _config(pipelines, "original")
-  config.train.steps = 2
-  models = train.load_models(config)
-  mesh = parallel.make_mesh(-1, 1, jax.devices()[:1])
-  state, _ = train.build_program(config, models, mesh)
-  data = train.make_data_iterator(config, models)
-  one_host = data.get_state()
-  saver = checkpoint.Checkpointer(str(tmp_path), every=1)
-  saver.save(1, state, {"hosts": [one_host, one_host]}, config.to_dict(), force=True)
-  saver.wait()
-  saver.close()
-
-  with pytest.raises(UserError) as error:
-    train.train(config, str(tmp_path), jax.devices()[:1])
-  message = _one_line(error)
-  assert f"the checkpoint in {tmp_path} was written by 2 process(es)" in message
-  saved = checkpoint.Checkpointer(str(tmp_path), every=1)
-  assert saved.all_steps() == [1]  # Refused before any step ran or saved.
-  saved.close()

@@ -30,8 +30,9 @@ class BatchIterator(Protocol):
   """This host's batches, forever, with a position that checkpoints save and restore.
 
   `counts`: this host's pairs kept and skipped (by `skips` kind) since the run began;
-  `skipped_at_start`: the source's (see `PairSource`); `get_state()` is JSON-ready and
-  `set_state(get_state())` on a fresh iterator continues with the next batch.
+  `skipped_at_start`: the source's (see `PairSource`); `get_state()` is JSON-ready, its
+  position the same on every host, and `set_state(get_state())` on a fresh iterator (on any
+  host count) continues with the next batch.
   """
 
   @property

@@ -41,9 +41,14 @@ def shard_path(folder: str, index: int, count: int) -> str:
 
 def encoders_fingerprint(vae_params, text_encoder_params) -> str:
   """A digest of the frozen encoders' weights: a cache must be read with the VAE and text
-  encoders that wrote it. Sums per array, so it costs one pass over the weights."""
+  encoders that wrote it."""
+  return params_fingerprint(vae_params, *text_encoder_params)
+
+
+def params_fingerprint(*trees) -> str:
+  """A digest of nested dicts of weights. Sums per array, so it costs one pass over them."""
   digest = hashlib.sha1()
-  for tree in (vae_params, *text_encoder_params):
+  for tree in trees:
     leaves = sorted(_flatten(tree).items())
     for path, value in leaves:
       value = np.asarray(value)

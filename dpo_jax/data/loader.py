@@ -1,16 +1,19 @@
 """Preference pairs (Pick-a-Pic, JSONL, TFDS or the latent cache) -> this host's batches, through a
-resumable grain loader.
+resumable grain pipeline.
 
-Each host reads a disjoint 1/process_count of the pairs (grain's ShardOptions) in an order
-shuffled anew every epoch, forever; each pair's crop, flip and prompt dropout come from
-(train.seed, epoch, pair id), so they do not depend on batch size, worker or host count.
-Batches hold `pixels` [B, 2, R, R, 3] float32 (winner, loser), `input_ids_{i}` [B, L_i] int32
-(one per tokenizer), `original_size` and `crop_top_left` [B, 2, 2] int32, `pair_ids` and
-`epochs` [B] int32, with B = train.batch_pairs / process_count (see `parallel.host_slice`).
-Pairs that cannot be used are skipped on the way and counted (`skips`): `PairBatches` keeps
-the counts, and saves them with the iterator's position.
+Every host walks the same global sequence of pairs, shuffled anew every epoch from
+(train.seed, epoch) alone (`order`), and takes its contiguous `parallel.host_slice` of each
+global batch of train.batch_pairs: the global batches, and so the run, do not depend on the
+host count, and each host decodes only its own slice. Each pair's crop, flip and prompt
+dropout come from (train.seed, epoch, pair id), so they do not depend on batch size, worker
+or host count either. Batches hold `pixels` [B, 2, R, R, 3] float32 (winner, loser),
+`input_ids_{i}` [B, L_i] int32 (one per tokenizer), `original_size` and `crop_top_left`
+[B, 2, 2] int32, `pair_ids` and `epochs` [B] int32, with B = train.batch_pairs /
+process_count. A pair that cannot be used is counted (`skips`) and the next usable pair of
+its epoch takes its row; `PairBatches` keeps the counts, and saves them with the position.
 """
-import json
+import copy
+import functools
 from collections.abc import Iterator, Sequence
 
 import grain.python as grain
@@ -18,12 +21,18 @@ import numpy as np
 import transformers
 
 from dpo_jax import parallel
-from dpo_jax.data import (files, interfaces, jsonl_pairs, latent_cache, pickapic, skips, subset,
-                          tfds_pairs, transforms)
+from dpo_jax.data import (files, interfaces, jsonl_pairs, latent_cache, order, pickapic, skips,
+                          subset, tfds_pairs, transforms)
 from dpo_jax.errors import UserError
 
 # Raw records hold two JPEGs (~0.7 MB for Pick-a-Pic): bound what the read threads hold.
 _READ_OPTIONS = grain.ReadOptions(num_threads=16, prefetch_buffer_size=128)
+# Training makes host batches ahead of the loop in a thread of the main process or of each of
+# data.workers processes: one thread did the most per core on a 2-core machine (BENCHMARKS.md);
+# more processes decode more.
+_BATCHES_AHEAD = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+# More pairs than any run reads: a grain dataset has a length.
+_ENDLESS = 2**48
 
 
 class _AddEpoch:
@@ -70,8 +79,8 @@ def _prepare_pair(config, empty_prompt_prob: float) -> transforms.PreparePair:
 
 def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer], *,
                         process_index: int, process_count: int) -> "PairBatches":
-  """An endless iterator of this host's batches: of the latent cache `config.data.cache_dir`
-  when set (see `latent_cache`), else of `config.data.train_files`.
+  """An endless iterator of this host's slices of the global batches: of the latent cache
+  `config.data.cache_dir` when set (see `latent_cache`), else of `config.data.train_files`.
 
   Args:
     config: reads data.{format, train_files, split, cache_dir, model_filter, max_train_pairs,
@@ -89,13 +98,15 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
   if config.data.get("max_train_pairs"):
     source = subset.RandomSubset(source, config.data.max_train_pairs, config.train.seed)
   if cached:
-    pair_operations = [latent_cache.CachedPair(seed=config.train.seed,
-                                               empty_prompt_prob=config.data.empty_prompt_prob,
-                                               empty_prompt=empty_prompt)]
+    prepare = latent_cache.CachedPair(seed=config.train.seed,
+                                      empty_prompt_prob=config.data.empty_prompt_prob,
+                                      empty_prompt=empty_prompt)
+    finish = ()
   else:
-    pair_operations = [_prepare_pair(config, config.data.empty_prompt_prob),
-                       skips.CountSkipped(pass_length=len(source) // process_count),
-                       transforms.Tokenize(tokenizers)]
+    prepare = _prepare_pair(config, config.data.empty_prompt_prob)
+    # Copies: batches are made in a thread of their own, and a fast tokenizer refuses calls
+    # from two threads at once ("Already borrowed").
+    finish = (transforms.Tokenize(copy.deepcopy(list(tokenizers))),)
   indexed = {"kept": len(source), **source.skipped_at_start}
   error = skips.too_many_bad(indexed, config.data.get("max_bad_fraction", 1.0),
                              "data.train_files")
@@ -107,26 +118,77 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
     raise UserError(f"train.batch_pairs={config.train.batch_pairs} does not split evenly over "
                     f"{process_count} hosts; set --config.train.batch_pairs to a multiple of "
                     f"{process_count}")
-  per_shard = len(source) // process_count
-  if not per_shard:
-    raise UserError(f"the data holds {len(source)} pairs, fewer than the {process_count} "
-                    "hosts; give more data or run on fewer hosts")
-  # Every host drops the same last len % process_count pairs, so the hosts' epochs align.
-  shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
-                             drop_remainder=True)
-  sampler = grain.IndexSampler(len(source), shard_options=shard, shuffle=True,
-                               seed=config.train.seed, num_epochs=None)
-  operations = [_AddEpoch(per_shard * process_count), *pair_operations,
-                grain.Batch(batch_size=per_host, drop_remainder=True)]
-  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=config.data.workers, shard_options=shard,
-                            read_options=_READ_OPTIONS)
-  return PairBatches(iter(loader), source.skipped_at_start)
+  pairs = functools.partial(_HostPairs, source, order.GlobalOrder(len(source), config.train.seed),
+                            prepare, finish, batch_pairs=config.train.batch_pairs, host=share)
+  batches = functools.partial(_host_batches, pairs, per_host=per_host,
+                              workers=config.data.workers)
+  return PairBatches(batches, batch_pairs=config.train.batch_pairs,
+                     data_order=f"{source!r}, seed={config.train.seed}",
+                     skipped_at_start=source.skipped_at_start)
+
+
+class _HostPairs:
+  """This host's pairs, prepared: element i is the pair at the global position of its i-th
+  row (`order.host_position`, from global position `first` on).
+
+  A pair that cannot be used (`skips`) is counted at its position, and the next usable pair
+  of its epoch (`GlobalOrder.stand_ins`) takes its row: every position gives one row
+  whatever the host count, and a host reads no other host's pairs unless one of its own is
+  unusable. Each row carries `skipped_{kind}`: 1 where its own pair was skipped for `kind`.
+  """
+
+  def __init__(self, source: interfaces.PairSource, global_order: order.GlobalOrder,
+               prepare: grain.MapTransform, finish: Sequence[grain.MapTransform], first: int,
+               *, batch_pairs: int, host: slice):
+    self._source, self._order, self._prepare, self._finish = source, global_order, prepare, finish
+    self._first, self._batch_pairs, self._host = first, batch_pairs, host
+    self._warned = 0
+
+  def __call__(self, element: int) -> dict:
+    position = order.host_position(self._first, element, batch_pairs=self._batch_pairs,
+                                   host=self._host)
+    pair = self._prepared(position)
+    counts = dict.fromkeys(skips.KINDS, 0)
+    if "skip" in pair:
+      counts[pair["skip"]] = 1
+      self._warned = skips.log_skipped(pair, self._warned)
+      pair = self._stand_in(position, pair)
+    for transform in self._finish:
+      pair = transform.map(pair)
+    return {**pair, **{f"skipped_{kind}": np.int32(n) for kind, n in counts.items()}}
+
+  def _prepared(self, position: int) -> dict:
+    epoch, index = self._order[position]
+    return self._prepare.map({**self._source[index], "epochs": epoch})
+
+  def _stand_in(self, position: int, skipped: dict) -> dict:
+    read = dict.fromkeys(skips.KINDS, 0)
+    read[skipped["skip"]] = 1
+    for other in self._order.stand_ins(position):
+      pair = self._prepared(other)
+      if "skip" not in pair:
+        return pair
+      read[pair["skip"]] += 1
+    raise skips.no_usable_pair(read, skipped)
+
+
+def _host_batches(pairs, first: int, *, per_host: int, workers: int):
+  """This host's batches from global position `first` on. A whole batch is one element of
+  the grain pipeline, so the worker processes (`workers`) each make whole batches and the
+  batches do not depend on their number."""
+  batches = grain.MapDataset.range(_ENDLESS).map(pairs(first)).batch(per_host)
+  if not workers:
+    return iter(batches.to_iter_dataset(_BATCHES_AHEAD))
+  # Batches reach this process through shared memory, not pickled. A worker makes each when
+  # asked (no thread ahead of it): a batch made ahead and never sent would leak its memory.
+  batches.enable_shared_memory_output()
+  dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=0))
+  return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
 
 
 def make_prepare_iterator(config, source, tokenizers: Sequence[transformers.CLIPTokenizer], *,
                           batch_pairs: int, process_index: int, process_count: int
-                          ) -> "PairBatches":
+                          ) -> "CountedBatches":
   """One pass, in order, over this host's contiguous share of `source`, as epoch 0 of
   training would prepare each pair (crop, flip) but with every caption kept: the latent
   cache applies prompt dropout per epoch at train time. The last batch may be short."""
@@ -140,7 +202,7 @@ def make_prepare_iterator(config, source, tokenizers: Sequence[transformers.CLIP
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=config.data.workers, shard_options=shard,
                             read_options=_READ_OPTIONS)
-  return PairBatches(iter(loader), source.skipped_at_start)
+  return CountedBatches(iter(loader), source.skipped_at_start)
 
 
 def padded(batch: dict, size: int) -> dict:
@@ -151,16 +213,12 @@ def padded(batch: dict, size: int) -> dict:
   return {name: value[index] for name, value in batch.items()}
 
 
-class PairBatches:
-  """This host's batches, counting what the pipeline skipped on the way (an
-  `interfaces.BatchIterator`).
+class CountedBatches:
+  """A one-pass grain iterator's batches, counting what was skipped on the way (`counts`:
+  `skips` kinds and 'kept'); `skipped_at_start` is what the source left out while
+  indexing."""
 
-  `counts` are this host's streamed counts (`skips` kinds and 'kept'), since the run began:
-  they are saved and restored with the position. `skipped_at_start` are what the source
-  left out while indexing the files, the same on every host.
-  """
-
-  def __init__(self, iterator: grain.PyGrainDatasetIterator, skipped_at_start: dict[str, int]):
+  def __init__(self, iterator, skipped_at_start: dict[str, int]):
     self._iterator = iterator
     self.skipped_at_start = dict(skipped_at_start)
     self.counts = skips.zero_counts()
@@ -173,27 +231,45 @@ class PairBatches:
     self.counts = skips.add(self.counts, skips.pop_counts(batch))
     return batch
 
+
+class PairBatches:
+  """This host's slices of the global batches, from one global position on (an
+  `interfaces.BatchIterator`).
+
+  The state is that position, the same on every host, with what fixes the order (the data
+  and train.seed) and this host's `counts` since the run began (`skips` kinds and 'kept',
+  the rows whose own pair was used; a stand-in row counts as its position's skip). A run
+  may resume on another host count, data.workers or train.batch_pairs.
+  """
+
+  def __init__(self, batches_from, *, batch_pairs: int, data_order: str,
+               skipped_at_start: dict[str, int]):
+    self._batches_from, self._batch_pairs, self._data_order = batches_from, batch_pairs, data_order
+    self.skipped_at_start = dict(skipped_at_start)
+    self.counts = skips.zero_counts()
+    self._position, self._batches = 0, None  # Made on the first batch: set_state comes first.
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._batches is None:
+      self._batches = self._batches_from(self._position)
+    batch = next(self._batches)
+    self._position += self._batch_pairs
+    counts = skips.pop_counts(batch)
+    counts["kept"] -= sum(counts[kind] for kind in skips.KINDS)  # Stand-ins are not kept.
+    self.counts = skips.add(self.counts, counts)
+    return batch
+
   def get_state(self) -> dict:
-    return {"position": _position(self._iterator), "counts": self.counts}
+    return {"position": self._position, "order": self._data_order, "counts": self.counts}
 
   def set_state(self, state: dict) -> None:
-    _set_position(self._iterator, state["position"])
+    """Moves to `state`'s position: the next batch is the one that followed it."""
+    if state.get("order") != self._data_order or not isinstance(state.get("position"), int):
+      raise UserError("the checkpoint's data position belongs to another data order (other "
+                      "data.train_files, data.max_train_pairs or train.seed); resume with the "
+                      "settings it was saved with, or start a new --workdir")
+    self._position, self._batches = state["position"], None
     self.counts = skips.add(skips.zero_counts(), state["counts"])
-
-
-def _position(iterator: grain.PyGrainDatasetIterator) -> dict:
-  """The iterator's position as JSON-ready data (for an orbax `JsonSave` item).
-
-  It pins the files, train.seed, data.workers and the host count: a resume must keep them.
-  """
-  return json.loads(iterator.get_state())
-
-
-def _set_position(iterator: grain.PyGrainDatasetIterator, state: dict) -> None:
-  """Moves a fresh iterator to where `_position` was taken: the next batch follows it."""
-  try:
-    iterator.set_state(json.dumps(state).encode())
-  except ValueError:
-    raise UserError("the checkpoint's data position belongs to another pipeline (other "
-                    "data.train_files, train.seed, data.workers or host count); resume with "
-                    "the settings it was saved with, or start a new --workdir") from None

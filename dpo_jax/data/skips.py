@@ -45,39 +45,39 @@ class CountSkipped:
   `pop_counts` takes them out again.
   """
 
-  def __init__(self, pass_length: int | None = None):
-    # Pairs in one epoch of what this pipeline reads: an epoch in which every one of them is
-    # skipped means no pair is usable, and reading on would spin forever without a batch.
-    self._pass_length = pass_length
-
   def __call__(self, records: Iterator[grain.Record]) -> Iterator[grain.Record]:
     pending, warned = dict.fromkeys(KINDS, 0), 0
-    epoch, seen, kept, first_error = None, 0, 0, None  # This epoch's, for the check above.
     for record in records:
-      if record.data.get("epochs") != epoch:
-        epoch, seen, kept, first_error = record.data.get("epochs"), 0, 0, None
-      seen += 1
       kind = record.data.get("skip")
       if kind is None:
-        kept += 1
         counts = {f"skipped_{k}": np.int32(n) for k, n in pending.items()}
         yield grain.Record(record.metadata, {**record.data, **counts})
         pending = dict.fromkeys(KINDS, 0)
         continue
       pending[kind] += 1
-      first_error = first_error or (f"pair {record.data['pair_ids']}: "
-                                    f"{record.data.get('error', kind)}")
-      if self._pass_length and seen == self._pass_length and not kept:
-        raise UserError(f"no usable pair in a whole pass over the data ({seen} pairs read: "
-                        f"{describe(pending)}); the first: {first_error}. Fix or remove "
-                        "the unusable pairs")
-      if kind in BAD_KINDS:
-        warned += 1
-        if warned <= _MAX_WARNINGS:
-          logging.warning("Skipping pair %d (%s): %s%s", record.data["pair_ids"], kind,
-                          record.data.get("error", kind),
-                          "; further bad pairs are only counted" if warned == _MAX_WARNINGS
-                          else "")
+      warned = log_skipped(record.data, warned)
+
+
+def no_usable_pair(read: Mapping[str, int], first: dict) -> UserError:
+  """The one line for data in which a whole pass (`read`: counts by kind) found no usable
+  pair; `first` is the first unusable pair's `skipped` record."""
+  return UserError(f"no usable pair in a whole pass over the data ({sum(read.values())} pairs "
+                   f"read: {describe(read)}); the first: pair {first['pair_ids']}: "
+                   f"{first.get('error', first['skip'])}. Fix or remove the unusable pairs")
+
+
+def log_skipped(record: dict, warned: int) -> int:
+  """Names a bad pair's `skipped` record in the log, the first `_MAX_WARNINGS` of a process
+  (`warned` so far); returns the new number warned."""
+  kind = record["skip"]
+  if kind not in BAD_KINDS:
+    return warned
+  warned += 1
+  if warned <= _MAX_WARNINGS:
+    logging.warning("Skipping pair %d (%s): %s%s", record["pair_ids"], kind,
+                    record.get("error", kind),
+                    "; further bad pairs are only counted" if warned == _MAX_WARNINGS else "")
+  return warned
 
 
 def pop_counts(batch: dict) -> dict[str, int]:

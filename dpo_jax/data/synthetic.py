@@ -26,7 +26,9 @@ def synthetic_pairs(pair_ids: np.ndarray, *, seed: int, latent_size: int, channe
 
 
 class SyntheticIterator:
-  """Consecutive batches of `synthetic_pairs`; its whole state is the next pair id.
+  """Consecutive batches of `synthetic_pairs`: global batch k is pair ids [k·B, (k+1)·B),
+  of which a host makes its `host_slice`. Its whole state is the next pair id, the same on
+  every host.
 
   A `interfaces.BatchIterator`; nothing is ever skipped.
   """
