@@ -7,11 +7,12 @@ import ml_collections
 from dpo_jax import default_config
 
 # A UNet shaped like SD1.5's (cross-attention at the top level, none at the bottom), small
-# enough to train on a laptop CPU in a minute.
+# enough to train on a laptop CPU in a minute. Tuples, not lists: config_flags overrides only
+# tuples (--config.model.unet.block_out_channels='(64,128,256)').
 SYNTHETIC_UNET = dict(
-    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
 
 

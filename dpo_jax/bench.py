@@ -4,13 +4,15 @@
   python -m dpo_jax.bench --config configs/synthetic.py          # CPU-sized: the config's UNet
   python -m dpo_jax.bench --config configs/synthetic.py --torch  # and PyTorch's, same shapes
   python -m dpo_jax.bench --config configs/synthetic.py --profile /tmp/trace  # + a trace
+  python -m dpo_jax.bench --config configs/synthetic.py --reference=precomputed
 
 The step is `train.build_program`'s, the one `train` runs, fed latent-cache batches (VAE
 moments and text embeddings, random), so no encoder runs and nothing is downloaded. Compile
 time is reported apart and never enters a rate. The last line is one JSON object.
 
 MFU counts model FLOPs, not XLA's: a DPO pair costs 8 UNet forward-equivalents (policy
-forward and backward on winner and loser, 3 × 2, reference forward on both, 2), SFT 3; the
+forward and backward on winner and loser, 3 × 2, reference forward on both, 2), 6 with
+`--reference=precomputed` (the reference's errors arrive with the batch), SFT 3; the
 forward's FLOPs per image come from XLA's cost analysis of one UNet call. XLA's count for
 the whole step is reported too (`flops_per_step`); with `dpo.reference_pass='shared'` it
 leaves out one forward pass per image (XLA counts a loop body once).
@@ -19,6 +21,7 @@ leaves out one forward pass per image (XLA counts a loop body once).
 UNet config, batch, latent and text shapes and dtype, in the same process: `torch_*` keys and
 `speedup` = pairs_per_sec / torch_pairs_per_sec. torch is imported only then.
 """
+import dataclasses
 import importlib
 import json
 import os
@@ -42,11 +45,16 @@ PEAK_BF16_FLOPS = {
     "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12,
     "TPU v6e": 918e12, "TPU v4": 275e12,
 }
-# UNet forward-equivalents per pair: policy fwd+bwd (3) on each image it sees, reference fwd.
-FORWARDS_PER_PAIR = {"dpo": 8, "sft": 3}
 _PROFILED_STEPS = 3  # Steps in a --profile trace.
 # The releases' VAE latent scaling (their vae/config.json); only the scale matters here.
 _SCALING = {"sd": 0.18215, "sdxl": 0.13025}
+
+
+def forwards_per_pair(config: ml_collections.ConfigDict) -> int:
+  """UNet forward-equivalents per pair: the policy's forward and backward (3) on each image
+  the loss sees, and the reference's forward on both images when the step runs it."""
+  images = 1 if config.dpo.loss == "sft" else 2
+  return 3 * images + (2 if config_checks.runs_reference(config) else 0)
 
 
 def peak_flops(device: jax.Device) -> float | None:
@@ -69,15 +77,23 @@ def unet_config(config: ml_collections.ConfigDict, preset: str | None) -> dict:
 def random_models(config: ml_collections.ConfigDict, preset: str | None) -> train.Models:
   """A random UNet of the preset's (or config's) shape, and the encoders' configs only:
   batches arrive encoded, as from a latent cache."""
+  models = abstract_models(config, unet_config(config, preset))
+  return dataclasses.replace(models, initial_params=host_random_params(models.unet,
+                                                                       config.train.seed))
+
+
+def abstract_models(config: ml_collections.ConfigDict, unet_shape: dict) -> train.Models:
+  """A UNet of the diffusers config `unet_shape` whose params are ShapeDtypeStructs (nothing
+  allocated), and the encoders' configs only."""
   options = dict(dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
                  attention_implementation=config.model.attention_implementation)
-  unet = unet_lib.build_unet(unet_config(config, preset), **options)
+  unet = unet_lib.build_unet(unet_shape, **options)
   kind = "sdxl" if unet.config.addition_embed_type else "sd"
   vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig(block_out_channels=(128, 256, 512, 512),
                                                 scaling_factor=_SCALING[kind]))
   encoders = encode.Encoders(kind, vae)
   schedule = train.noise_schedule(diffusion.DEFAULT_SCHEDULER, config)
-  return train.Models(unet, host_random_params(unet, config.train.seed), schedule, encoders)
+  return train.Models(unet, init_abstract(unet), schedule, encoders)
 
 
 def host_random_params(unet, seed: int):
@@ -164,30 +180,37 @@ def torch_reference(config: ml_collections.ConfigDict, preset: str | None,
 
 def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps: int = 10,
           warmup: int = 2, devices=None, torch: bool = False,
-          profile: str | None = None) -> dict:
+          profile: str | None = None, reference: str = "live") -> dict:
   """Compiles and times `steps` train steps after `warmup` untimed ones on `devices`
   (default: all); with `torch`, the PyTorch reference's too (`torch_reference`); with
   `profile`, a jax.profiler trace of 3 more steps (after the timed ones, so tracing never
-  slows what is timed) in that folder."""
+  slows what is timed) in that folder; `reference` 'precomputed' times the step that reads
+  the reference's errors from its batch (random ones here) instead of running it."""
   config = ml_collections.ConfigDict(config.to_dict())  # A copy: batches arrive encoded,
   config.data.cache_dir = "(random latent-cache batches)"  # as from a latent cache.
+  config.dpo.reference = reference
+  if reference == "precomputed":
+    config.dpo.reference_errors = "(random errors in each batch)"
   config_checks.check_config(config)
   if torch:
     _import_bench_torch()  # A missing torch fails here, before anything is compiled.
-  reference = {}
+  torch_results = {}
   if torch:
     # PyTorch runs before JAX's first device use: on a GPU, JAX's client reserves 75% of
     # the memory when it starts, and PyTorch hands its cache back when done.
     models = random_models(config, preset)
-    reference = torch_reference(config, preset, models, steps, warmup)
+    torch_results = torch_reference(config, preset, models, steps, warmup)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   parallel.check_batch(config.train.batch_pairs, mesh, config.train.grad_accum)
   if not torch:  # After the batch check: SDXL's random params take a while to draw.
     models = random_models(config, preset)
   state, program = train.build_program(config, models, mesh)
-  batches = [program.step_input(encoded_batch(models, config.train.batch_pairs,
-                                               config.data.resolution, config.train.seed + i))
-             for i in range(2)]
+  batches = [encoded_batch(models, config.train.batch_pairs, config.data.resolution,
+                           config.train.seed + i) for i in range(2)]
+  if reference == "precomputed":
+    batches = [{**batch, "reference_errors": np.abs(np.random.default_rng(i).standard_normal(
+        (config.train.batch_pairs, 2), np.float32))} for i, batch in enumerate(batches)]
+  batches = [program.step_input(batch) for batch in batches]
 
   started = time.perf_counter()
   compiled = program.step_fn.lower(state, batches[0]).compile()
@@ -214,20 +237,21 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
   # XLA costs the partitioned program, one device's share of the step.
   xla_flops_per_step = float(cost.get("flops", float("nan"))) * devices
   forward = forward_flops_per_image(models, config.data.resolution)
-  model_flops_per_step = forward * FORWARDS_PER_PAIR[config.dpo.loss] * config.train.batch_pairs
+  model_flops_per_step = forward * forwards_per_pair(config) * config.train.batch_pairs
   peak = peak_flops(device)
   tflops = model_flops_per_step / step_seconds / devices / 1e12
   memory = train.memory_estimate(compiled)
   live = device.memory_stats() or {}
   pairs_per_sec = config.train.batch_pairs / step_seconds
-  if reference:
-    reference["speedup"] = pairs_per_sec / reference["torch_pairs_per_sec"]
+  if torch_results:
+    torch_results["speedup"] = pairs_per_sec / torch_results["torch_pairs_per_sec"]
   return {
       "unet": preset or "config", "loss": config.dpo.loss,
       "batch_pairs": config.train.batch_pairs, "grad_accum": config.train.grad_accum,
       "resolution": config.data.resolution, "compute_dtype": config.model.compute_dtype,
       "reference_dtype": config.model.reference_dtype,
-      "reference_pass": config.dpo.reference_pass, "remat": config.model.remat,
+      "reference_pass": config.dpo.reference_pass, "reference": reference,
+      "remat": config.model.remat,
       "attention": config.model.attention_implementation or "xla",
       "optimizer": config.optim.name, "devices": devices, "device": device.device_kind,
       "backend": jax.default_backend(),
@@ -240,7 +264,7 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
       "peak_bytes_per_device": memory.get("peak"), "memory": memory,
       "measured_peak_bytes": live.get("peak_bytes_in_use"),
       "final_loss": float(metrics["loss"]), "host": platform.node(),
-      "host_cpus": os.cpu_count(), "profile": profile, **reference,
+      "host_cpus": os.cpu_count(), "profile": profile, **torch_results,
   }
 
 
@@ -254,12 +278,15 @@ def run() -> None:
                                  "(diffusers' UNet) on the same shapes: torch_* keys, speedup.")
   profile = flags.DEFINE_string("profile", None, "A folder for a jax.profiler trace of 3 "
                                 "steps after the timed ones (TensorBoard's profile plugin).")
+  reference = flags.DEFINE_enum("reference", "live", ["live", "precomputed"],
+                                "'precomputed': the step of dpo.reference='precomputed', "
+                                "which reads the reference's errors instead of running it.")
 
   def command(argv):
     cli.check_arguments(argv, "--config, --config.KEY=VALUE, --unet, --steps, --warmup, "
-                        "--torch, --profile")
+                        "--torch, --profile, --reference")
     result = bench(config.value, preset=preset.value, steps=steps.value, warmup=warmup.value,
-                   torch=with_torch.value, profile=profile.value)
+                   torch=with_torch.value, profile=profile.value, reference=reference.value)
     print(json.dumps(result), flush=True)
 
   cli.run(command)

@@ -9,8 +9,9 @@ from dpo_jax.errors import UserError
 _CHOICES = {
     ("data", "format"): ("synthetic", "pickapic", "jsonl", "tfds", "sampled"),
     ("data", "sdxl_time_ids"): ("constant", "actual"),
-    ("dpo", "loss"): ("dpo", "sft"),
+    ("dpo", "loss"): ("dpo", "sft", "hinge", "ipo", "mapo", "kto"),
     ("dpo", "reference_pass"): ("shared", "separate"),
+    ("dpo", "reference"): ("live", "precomputed"),
     ("optim", "name"): ("adamw", "adafactor"),
     ("optim", "adafactor_factoring"): ("transformers", "optax"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
@@ -19,8 +20,11 @@ _CHOICES = {
     ("model", "vae_dtype"): ("float32", "bfloat16"),
     ("model", "text_encoder_dtype"): ("float32", "bfloat16"),
 }
-_POSITIVE = (("dpo", "beta"), ("train", "steps"), ("train", "batch_pairs"), ("train", "grad_accum"),
-             ("train", "log_every"), ("train", "ckpt_every"), ("data", "resolution"))
+_POSITIVE = (("dpo", "beta"), ("dpo", "mapo_beta"), ("dpo", "mapo_snr"), ("dpo", "kto_beta"),
+             ("dpo", "kto_lambda_desirable"), ("dpo", "kto_lambda_undesirable"),
+             ("train", "steps"), ("train", "batch_pairs"), ("train", "grad_accum"),
+             ("train", "log_every"), ("train", "ckpt_every"), ("train", "max_bad_steps"),
+             ("data", "resolution"))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -35,6 +39,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"{section}.{key} must be > 0, got {value}; set --config.{section}.{key}")
   if config.optim.peak_lr is not None and config.optim.peak_lr < 0:
     raise UserError(f"optim.peak_lr must be >= 0, got {config.optim.peak_lr}")
+  if config.dpo.loss in ("mapo", "kto") and config.optim.peak_lr is None:
+    # The recipe's 2000/β factor is DPO's β, which MaPO and KTO do not use.
+    raise UserError(f"dpo.loss={config.dpo.loss!r} has no learning-rate recipe; set "
+                    "--config.optim.peak_lr (docs/losses.md gives the official values)")
   if not 0 <= config.data.max_bad_fraction <= 1:
     raise UserError(f"data.max_bad_fraction must be in [0, 1], got "
                     f"{config.data.max_bad_fraction}; set --config.data.max_bad_fraction")
@@ -46,8 +54,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"diffusion.{key} must be >= 0, got {config.diffusion[key]}")
   timesteps(config)
   profile_window(config)
-  from dpo_jax import validation  # Its own keys' rules live with it.
+  _check_reference(config)
+  from dpo_jax import lora, validation  # Their own keys' rules live with them.
   validation.check(config)
+  lora.check(config)
   if config.data.resolution % 8:
     raise UserError(f"data.resolution={config.data.resolution} must be a multiple of 8 (the "
                     "VAE downsamples by 8)")
@@ -57,6 +67,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   # Caught here, before minutes of model loading: the real-run configs leave it unset on purpose.
   if not config.data.get("cache_dir"):  # A latent cache names the data it was made from.
     _check_data_source(config)
+
+
+# Losses whose step runs no reference model: SFT, and the reference-free ones.
+_REFERENCE_FREE_LOSSES = ("sft", "mapo")
+
+
+def uses_reference(config: ml_collections.ConfigDict) -> bool:
+  """Whether `dpo.loss` compares against the frozen reference's errors."""
+  return config.dpo.loss not in _REFERENCE_FREE_LOSSES
+
+
+def runs_reference(config: ml_collections.ConfigDict) -> bool:
+  """Whether the train step runs the reference model (and so holds its weights)."""
+  return uses_reference(config) and config.dpo.reference == "live"
+
+
+def _check_reference(config: ml_collections.ConfigDict) -> None:
+  if config.dpo.reference != "precomputed":
+    return
+  if not uses_reference(config):
+    raise UserError(f"dpo.reference='precomputed' but dpo.loss={config.dpo.loss!r} uses no "
+                    "reference model; leave dpo.reference at 'live'")
+  if not config.dpo.get("reference_errors"):
+    raise UserError("dpo.reference='precomputed' needs dpo.reference_errors: the folder "
+                    "`python -m dpo_jax.reference_errors --config ... --output DIR` wrote")
 
 
 def _check_data_source(config: ml_collections.ConfigDict) -> None:

@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   # mirror alone; the official code draws each image's flip on its own.
   config.data.shared_flip = False
   config.data.empty_prompt_prob = 0.2  # Official proportion_empty_prompts (one per pair).
-  config.data.workers = 0  # grain worker processes decoding JPEGs (0: in the main process).
+  config.data.workers = 0  # grain processes decoding JPEGs (0: a thread of the main process).
   # Unusable pairs (undecodable or tiny images, null captions or labels, missing files,
   # malformed lines) are skipped and counted; the run stops, saved, once their share of the
   # pairs read passes this (judged after 1000 pairs).
@@ -102,6 +102,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.seed = 0
   config.train.ckpt_every = 500
   config.train.log_every = 10
+  # A step whose loss or gradient is NaN or inf is skipped (params and optimiser state kept,
+  # counted in metrics.jsonl) and no checkpoint is written while such steps run in a row;
+  # this many in a row stop the run (checked at each log step), the newest checkpoint being
+  # one from before them.
+  config.train.max_bad_steps = 10
   # XLA's persistent compilation cache: a resumed or repeated run reads its compiled programs
   # back instead of compiling again (minutes for SD-size steps on a GPU). Unset: WORKDIR/
   # xla_cache, unless JAX_COMPILATION_CACHE_DIR already names one; '' turns it off.
@@ -159,13 +164,31 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dpo = ml_collections.ConfigDict()
   config.dpo.beta = 5000.0  # Paper convention (½ inside the sigmoid).
-  config.dpo.loss = "dpo"  # 'dpo' | 'sft'
+  # 'dpo' | 'sft' (winners' denoising loss) | 'hinge' | 'ipo' (diffusers' example, same β)
+  # | 'mapo' (reference-free) | 'kto' (winners liked, losers disliked): docs/losses.md.
+  config.dpo.loss = "dpo"
+  # MaPO's (official defaults --beta_mapo 0.1, --snr_value 0.5): loss = mean(L_w)
+  # − mapo_beta · mean(log σ(T·(s(L_w) − s(L_l)))), s(L) = aL/(exp(aL) − 1), a = mapo_snr.
+  config.dpo.mapo_beta = 0.1
+  config.dpo.mapo_snr = 0.5
+  # Diffusion-KTO's β, no ½ (official --beta_dpo 1000), and its weights of liked and
+  # disliked images (--lambda_d_kto, --lambda_u_kto).
+  config.dpo.kto_beta = 1000.0
+  config.dpo.kto_lambda_desirable = 1.0
+  config.dpo.kto_lambda_undesirable = 1.0
   # 'shared': policy and reference run through one compiled UNet body, so at step 1 their
   # errors are equal bit for bit in any dtype (the loss is exactly ln 2); the reference's
   # activations and a stacked copy of both param sets are then held until the backward pass
   # (SD1.5, 1 pair, 32x32 latents, remat: 12.0 GB of XLA temporaries against 6.7 GB).
   # 'separate': two programs, without that memory, whose bfloat16 roundings can differ.
   config.dpo.reference_pass = "shared"
+  # 'live': the step runs the frozen reference on every pair. 'precomputed': it reads the
+  # reference's errors for each pair's (t, ε) from `reference_errors`, a folder written once
+  # by `python -m dpo_jax.reference_errors` for this seed, model, data and batch size: the
+  # step runs 6 UNet forward-equivalents per pair instead of 8 and holds no reference
+  # weights. The losses are equal; a store serves any dpo.beta, learning rate or optimiser.
+  config.dpo.reference = "live"
+  config.dpo.reference_errors = config_dict.placeholder(str)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"  # 'adamw' | 'adafactor'
@@ -187,4 +210,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.adam_beta2 = 0.999
   config.optim.adam_epsilon = 1e-8
   config.optim.grad_clip_norm = 1.0
+
+  # LoRA (dpo_jax/lora.py, docs/lora.md): train low-rank adapters A·B on the UNet's `targets`
+  # instead of its weights; the policy is base + (alpha/rank)·A·B, the reference the base.
+  config.lora = ml_collections.ConfigDict()
+  config.lora.enabled = False
+  config.lora.rank = 8
+  config.lora.alpha = config_dict.placeholder(float)  # Unset: = rank (scale 1).
+  # Comma-separated diffusers module names or fnmatch patterns, matched as PEFT's
+  # target_modules (full path or a '.'-suffix of it), e.g. add 'conv1,conv2,proj_in,ff.net.*'.
+  config.lora.targets = "to_q,to_k,to_v,to_out.0"
+  config.lora.init = "kaiming"  # lora_A's init: 'kaiming' (PEFT's default) or 'gaussian'.
   return config

@@ -3,13 +3,14 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpo_jax import config_checks, diffusion, encode, optim, parallel, precision
+from dpo_jax import config_checks, diffusion, encode, optim, parallel, precision, preemption
 from dpo_jax.checkpoint import Checkpointer
 from dpo_jax.data import interfaces, latent_cache, loader, skips, synthetic
 from dpo_jax.errors import UserError
@@ -77,12 +78,43 @@ def load_pipeline(config: ml_collections.ConfigDict, **options) -> pipeline_lib.
       text_encoder_dtype=jnp.dtype(config.model.text_encoder_dtype), **options)
 
 
-def _initial_state(initial_params, optimizer, config: ml_collections.ConfigDict) -> TrainState:
-  params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), initial_params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    reference_params=precision.reference_params(
-                        params, config.model.reference_dtype),
+def _initial_state(initial_params, adapters, optimizer,
+                   config: ml_collections.ConfigDict) -> TrainState:
+  """Full fine-tuning trains the UNet's params; LoRA (`adapters` given) trains the adapters
+  alone, and the frozen base is the reference as well as what they add to."""
+  as_float32 = lambda tree: jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), tree)
+  base = as_float32(initial_params)
+  params = base if adapters is None else as_float32(adapters)
+  # No reference weights on the devices when the step runs no reference model (and needs
+  # no base to add adapters to).
+  keep_base = adapters is not None or config_checks.runs_reference(config)
+  reference = (precision.reference_params(base, config.model.reference_dtype) if keep_base
+               else None)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, reference_params=reference,
                     opt_state=optimizer.init(params))
+
+
+def initial_adapters(config: ml_collections.ConfigDict, initial_params):
+  """LoRA's starting adapters for the UNet params (B zero: the policy is the base), or None
+  without `lora.enabled`. Seeded by train.seed."""
+  if not config.lora.enabled:
+    return None
+  from dpo_jax import lora
+  settings = lora.settings(config)
+  return lora.init_adapters(initial_params, rank=settings.rank, targets=settings.targets,
+                            key=jax.random.fold_in(jax.random.key(config.train.seed), 7),
+                            init=settings.init)
+
+
+def policy_params_function(config: ml_collections.ConfigDict) -> Callable | None:
+  """(trained params, reference params) -> the policy UNet's params: LoRA's merge, or None
+  when the trained params are the UNet's own."""
+  if not config.lora.enabled:
+    return None
+  from dpo_jax import lora
+  settings = lora.settings(config)
+  return lambda adapters, base: lora.merge(base, adapters, alpha=settings.alpha,
+                                           rank=settings.rank)
 
 
 def noise_options(config: ml_collections.ConfigDict) -> NoiseOptions:
@@ -93,7 +125,8 @@ def noise_options(config: ml_collections.ConfigDict) -> NoiseOptions:
 
 def make_data_iterator(config: ml_collections.ConfigDict,
                        models: Models) -> interfaces.BatchIterator:
-  """Host-local batches of this process's share of `train.batch_pairs`, with get/set_state."""
+  """This process's slices of the global batches of `train.batch_pairs` (the same global
+  batches on any host count), with get/set_state."""
   host_slice = parallel.host_slice(config.train.batch_pairs)
   if config.data.format == "synthetic" and not config.data.cache_dir:
     return synthetic.SyntheticIterator(
@@ -123,16 +156,22 @@ def make_data_iterator(config: ml_collections.ConfigDict,
 
 
 def _this_hosts_data_state(saved: dict, where: str) -> dict:
-  """This process's entry of a checkpoint's per-host data states."""
+  """This process's data state from a checkpoint's per-host states: their one global
+  position, which any host count resumes, and their counts summed on process 0 (the
+  others start from zero), so the run's totals carry over."""
   hosts = saved.get("hosts")
-  if hosts is None:
-    raise UserError(f"the checkpoint in {where} comes from an older dpo_jax that saved one "
-                    "data position for all hosts; start a new --workdir")
-  if len(hosts) != jax.process_count():
-    raise UserError(f"the checkpoint in {where} was written by {len(hosts)} process(es) and "
-                    f"this run has {jax.process_count()}: each reads its own share of the data; "
-                    "resume with the same host count or start a new --workdir")
-  return hosts[jax.process_index()]
+  if hosts is None or any(isinstance(host.get("position"), dict) for host in hosts):
+    raise UserError(f"the checkpoint in {where} comes from an older dpo_jax whose data "
+                    "position depends on the host count; start a new --workdir")
+  positions = [{key: value for key, value in host.items() if key != "counts"} for host in hosts]
+  if any(position != positions[0] for position in positions):
+    raise UserError(f"the checkpoint in {where} holds different data positions for its "
+                    f"{len(hosts)} hosts; start a new --workdir")
+  state = dict(hosts[0])
+  if "counts" in state:
+    first = jax.process_index() == 0
+    state["counts"] = skips.sum_counts(h["counts"] for h in hosts) if first else {}
+  return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,35 +191,59 @@ def build_program(config: ml_collections.ConfigDict, models: Models,
   shardings = lambda tree: parallel.state_shardings(tree, mesh, config.mesh.min_shard_size)
   # The starting params enter as an argument, never as a closure: a closed-over array would
   # be baked into the program as a multi-GB constant.
-  make_state = lambda params: _initial_state(params, optimizer, config)
-  state_shardings = shardings(jax.eval_shape(make_state, models.initial_params))
-  state = jax.jit(make_state, in_shardings=(state_shardings.params,),  # Born sharded.
-                  out_shardings=state_shardings)(models.initial_params)
-  # A latent cache has done the frozen encoders' work: their params stay off the devices.
-  frozen_params = None if config.data.cache_dir else models.frozen_params
-  frozen_shardings = shardings(frozen_params)
-  frozen = jax.device_put(frozen_params, frozen_shardings)
+  adapters = initial_adapters(config, models.initial_params)
+  make_state = lambda params, adapters: _initial_state(params, adapters, optimizer, config)
+  state_shardings = shardings(jax.eval_shape(make_state, models.initial_params, adapters))
+  born_sharded = jax.jit(make_state, in_shardings=(shardings(models.initial_params),
+                                                   shardings(adapters)),
+                         out_shardings=state_shardings)
+  # ShapeDtypeStruct params (`tools.memory`) give the state's shapes and shardings alone, to
+  # compile the step for without allocating it.
+  abstract = isinstance(jax.tree_util.tree_leaves(models.initial_params)[0],
+                        jax.ShapeDtypeStruct)
+  state = (born_sharded.eval_shape if abstract else born_sharded)(models.initial_params,
+                                                                  adapters)
   batch_sharding = parallel.batch_sharding(mesh)
   pair_loss = make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
-                             loss_name=config.dpo.loss, seed=config.train.seed,
-                             encoders=models.encoders, compute_dtype=config.model.compute_dtype,
-                             noise=noise_options(config),
-                             reference_pass=config.dpo.reference_pass,
-                             sdxl_time_ids=config.data.sdxl_time_ids)
+                             loss_name=config.dpo.loss, loss_options=loss_options(config),
+                             **pair_error_options(config, models))
   step_fn = make_train_step(pair_loss, optimizer, grad_accum=config.train.grad_accum,
                             state_shardings=state_shardings, batch_sharding=batch_sharding)
-  encode_step = None
-  if frozen_params is not None:  # Images and captions: encoded in a program of their own.
-    encode_step = make_encode_step(models.encoders, images=1 if config.dpo.loss == "sft" else 2,
-                                   grad_accum=config.train.grad_accum,
-                                   frozen_shardings=frozen_shardings,
-                                   batch_sharding=batch_sharding)
+  return state, Program(step_fn, make_step_input(config, models, mesh), batch_sharding)
 
-  def step_input(host_batch):
-    batch = parallel.host_to_global(host_batch, batch_sharding)
-    return encode_step(frozen, batch) if encode_step else batch
 
-  return state, Program(step_fn, step_input, batch_sharding)
+def loss_options(config: ml_collections.ConfigDict) -> dict:
+  """`make_pair_loss`' loss_options: the keys of `dpo.loss`'s own hyperparameters."""
+  dpo = config.dpo
+  return {"mapo": dict(beta=dpo.mapo_beta, snr=dpo.mapo_snr),
+          "kto": dict(beta=dpo.kto_beta, lambda_desirable=dpo.kto_lambda_desirable,
+                      lambda_undesirable=dpo.kto_lambda_undesirable)}.get(dpo.loss, {})
+
+
+def pair_error_options(config: ml_collections.ConfigDict, models: Models) -> dict:
+  """`make_pair_errors`' options of `config`, but the model and schedule."""
+  return dict(seed=config.train.seed, encoders=models.encoders,
+              compute_dtype=config.model.compute_dtype, noise=noise_options(config),
+              reference_pass=config.dpo.reference_pass, reference=config.dpo.reference,
+              policy_params=policy_params_function(config),
+              sdxl_time_ids=config.data.sdxl_time_ids)
+
+
+def make_step_input(config: ml_collections.ConfigDict, models: Models, mesh) -> Callable:
+  """Host batch -> the global encoded batch a step takes: the images and captions through
+  the frozen encoders (a program of their own), or a latent-cache batch as it is."""
+  batch_sharding = parallel.batch_sharding(mesh)
+  if config.data.cache_dir or models.encoders is None:  # The encoders stay off the devices.
+    return lambda host_batch: parallel.host_to_global(host_batch, batch_sharding)
+  frozen_shardings = parallel.state_shardings(models.frozen_params, mesh,
+                                              config.mesh.min_shard_size)
+  frozen = jax.device_put(models.frozen_params, frozen_shardings)
+  encode_step = make_encode_step(models.encoders, images=1 if config.dpo.loss == "sft" else 2,
+                                 grad_accum=config.train.grad_accum,
+                                 frozen_shardings=frozen_shardings,
+                                 batch_sharding=batch_sharding)
+  return lambda host_batch: encode_step(frozen, parallel.host_to_global(host_batch,
+                                                                        batch_sharding))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
@@ -201,6 +264,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   # The data first: a cache made by other encoders, or files that cannot be read, are
   # refused before minutes of compiling.
   data = make_data_iterator(config, models)
+  if config.dpo.reference == "precomputed":
+    from dpo_jax import reference_errors
+    data = reference_errors.attach(config, models, data)
   state, program = build_program(config, models, mesh)
 
   checkpointer = Checkpointer(workdir, every=config.train.ckpt_every)
@@ -223,8 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   run = _Run(config, step_fn, batches, data, checkpointer, log, validator,
              profile_folder=os.path.join(workdir, "profile"))
   try:
-    state = _run_steps(run, start, state)
-    if config.eval.report:
+    state, preempted = _run_steps(run, start, state)
+    if config.eval.report and not preempted:
       _final_report(run, state, models.pipeline, workdir)
   finally:
     checkpointer.wait()
@@ -325,33 +391,73 @@ class _Run:
   profile_folder: str = ""  # Where train.profile_steps' trace goes.
 
 
-def _run_steps(run: _Run, start: int, state):
-  """Steps start + 1 .. train.steps: step, log, save; stop, saved, on too much bad data."""
+def _run_steps(run: _Run, start: int, state) -> tuple[Any, bool]:
+  """Steps start + 1 .. train.steps: step, log, save. Stops, saved, on too much bad data;
+  unsaved after train.max_bad_steps non-finite steps in a row; saved, at a step every host
+  agrees on, on a preemption notice. Returns the state and whether a notice stopped it."""
   profiler = _Profiler(config_checks.profile_window(run.config), run.profile_folder, run.log)
-  for step in range(start + 1, run.config.train.steps + 1):
-    if step == start + 1:  # Memory runs out, if it does, in the first step.
-      with _out_of_memory_as_user_error():
-        state = _step(run, step, state, profiler)
-    else:
-      state = _step(run, step, state, profiler)
+  with preemption.Notice() as notice:
+    for step in range(start + 1, run.config.train.steps + 1):
+      # Memory runs out, if it does, in the first step.
+      guard = _out_of_memory_as_user_error() if step == start + 1 else contextlib.nullcontext()
+      with guard:
+        state, preempted = _step(run, step, state, profiler, notice)
+      if preempted:
+        run.checkpointer.wait()  # On disk before the line says so and the process exits.
+        run.log.print(f"preempted (SIGTERM): stopped after step {step}. "
+                      f"{_resume_point(run, step)}")
+        return state, True
   _report_data(run)
-  return state
+  return state, False
 
 
-def _step(run: _Run, step: int, state, profiler: "_Profiler"):
-  """One step and what follows it: log, save, validate."""
-  last = run.config.train.steps
+def _step(run: _Run, step: int, state, profiler: "_Profiler", notice: preemption.Notice):
+  """One step and what follows it: log, save, validate. Returns the state and whether a
+  preemption notice ends the run after this step."""
   profiler.before(step)
   state, metrics = run.step_fn(state, next(run.batches))
   profiler.after(step, state)
-  too_bad = _log(run, step, metrics) if _is_log_step(run.config, step) else None
-  if too_bad or step == last or run.checkpointer.due(step):
-    _save(run, step, state, force=bool(too_bad) or step == last)
-  if _is_eval_step(run.config, step) and not too_bad:
+  logged = _is_log_step(run.config, step)
+  too_bad = _log(run, step, metrics) if logged else None
+  preempted = notice.reached(step)  # Every step, on every host: the sync manager's contract.
+  stop = bool(too_bad) or preempted or step == run.config.train.steps
+  save = stop or run.checkpointer.due(step)
+  # The step counts its non-finite streak on the device; the host reads it only where it
+  # waits for the step anyway (a log or a save), so counting adds no sync per step, and a
+  # streak that lasts is caught within train.log_every steps (the params never move in it).
+  streak = int(jax.device_get(metrics["nonfinite_streak"])) if logged or save else 0
+  _check_divergence(run, step, streak)
+  if save:
+    _save(run, step, state, streak, force=stop)
+  if _is_eval_step(run.config, step) and not (too_bad or preempted):
     _validate(run, step, state)
   if too_bad:
-    raise UserError(f"{too_bad}. Step {step} is saved: the same command resumes from it")
-  return state
+    raise UserError(f"{too_bad}. {_resume_point(run, step)}")
+  return state, preempted
+
+
+def _check_divergence(run: _Run, step: int, streak: int) -> None:
+  """UserError once train.max_bad_steps steps in a row had a non-finite loss or gradient."""
+  limit = run.config.train.max_bad_steps
+  if streak < limit:
+    return
+  newest = run.checkpointer.latest_step()
+  resume = (f"the newest checkpoint, step {newest}, is from before them and the same command "
+            "resumes from it" if newest else "no checkpoint was saved before them")
+  raise UserError(f"the loss or gradient was NaN or inf at {streak} steps in a row (steps "
+                  f"{step - streak + 1} to {step}; train.max_bad_steps={limit}) and their "
+                  f"updates were skipped; {resume}: lower optim.peak_lr (or optim.lr_per_pair) "
+                  "or optim.grad_clip_norm, or look for NaN or inf values in the data")
+
+
+def _resume_point(run: _Run, step: int) -> str:
+  """Where the same command resumes: `step` if it is saved, else the newest checkpoint."""
+  newest = run.checkpointer.latest_step()
+  if newest == step:
+    return f"Step {step} is saved: the same command resumes from it"
+  unsaved = f"Step {step} is not saved (a streak of non-finite steps)"
+  return (f"{unsaved}: the same command resumes from step {newest}" if newest
+          else f"{unsaved}, nor any before it: the same command starts over")
 
 
 @contextlib.contextmanager
@@ -436,8 +542,14 @@ def _log(run: _Run, step: int, metrics) -> str | None:
   return skips.too_many_bad(counts, run.config.data.max_bad_fraction, f"step {step}")
 
 
-def _save(run: _Run, step: int, state, *, force: bool) -> None:
-  """The state, every host's data position (each reads its own share) and the config."""
+def _save(run: _Run, step: int, state, streak: int, *, force: bool) -> None:
+  """The state, every host's data state (one global position, its counts) and the config; not
+  during a streak of non-finite steps, so that the newest checkpoint is one from before it
+  (with keep-N, saves in a long streak would rotate every earlier one away)."""
+  if streak:
+    run.log.print(f"step {step} not saved: the last {streak} step(s) had a non-finite loss or "
+                  "gradient (skipped)")
+    return
   data_state = {"hosts": parallel.gather_from_hosts(run.data.get_state())}
   run.checkpointer.save(step, state, data_state, run.config.to_dict(), force=force)
 

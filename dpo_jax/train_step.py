@@ -17,6 +17,13 @@ class TrainState:
   params: Any  # The policy: trained, float32 master weights.
   reference_params: Any  # The frozen reference: never differentiated nor seen by the optimiser.
   opt_state: Any
+  # Steps skipped for a non-finite loss or gradient (`make_train_step`): in a row up to this
+  # one, and in all. Counted in the state, so that no step waits for the host to read its
+  # metrics; a checkpoint carries the total on.
+  nonfinite_streak: jax.Array = dataclasses.field(
+      default_factory=lambda: jnp.zeros((), jnp.int32))
+  nonfinite_total: jax.Array = dataclasses.field(
+      default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 def pair_keys(seed: int, epochs: jax.Array, pair_ids: jax.Array) -> jax.Array:
@@ -61,7 +68,9 @@ def pair_noise(keys: jax.Array, latent_shape: tuple[int, ...], num_train_timeste
 def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
                      encoders: encode.Encoders | None = None, compute_dtype=jnp.float32,
                      noise: NoiseOptions = NoiseOptions(), reference_pass: str = "shared",
-                     winners_only: bool = False, sdxl_time_ids: str = "constant") -> Callable:
+                     reference: str = "live", winners_only: bool = False,
+                     policy_params: Callable | None = None,
+                     sdxl_time_ids: str = "constant") -> Callable:
   """`pair_errors(params, reference_params, batch) -> (policy, reference)`: per-image
   denoising errors [2B], winners first then losers (reference None if `winners_only`: [B]).
 
@@ -73,12 +82,20 @@ def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
   `sdxl_time_ids`). `pair_ids` (and optional `epochs`) [B] seed each pair's randomness.
   Policy and reference params are both cast to the dtypes the `compute_dtype` UNet uses
   them in (`precision`); `reference_pass` 'shared' runs both through one compiled body
-  (equal at step 1, bit for bit), 'separate' as two programs (less memory). `winners_only`
-  (SFT) runs the UNet on the winners alone.
+  (equal at step 1, bit for bit), 'separate' as two programs (less memory). `reference`
+  'live' runs the frozen reference on every batch; 'precomputed' reads its errors from the
+  batch's `reference_errors` [B, 2] (winner, loser; `dpo_jax.reference_errors` computes them
+  for the very (t, ε) of each pair) and 'none' returns None (reference-free losses): neither
+  runs a reference model, and `reference_params` may be None. `policy_params(params,
+  reference_params)`, when given, makes the policy's UNet params of the trained ones (LoRA:
+  the base, which is the reference, plus the adapters). `winners_only` (SFT) runs the
+  UNet on the winners alone.
   """
   images = 1 if winners_only else 2
 
   def pair_errors(params, reference_params, batch):
+    if policy_params is not None:
+      params = policy_params(params, reference_params)
     pairs = batch["pair_ids"].shape[0]
     epochs = batch.get("epochs", jnp.zeros_like(batch["pair_ids"]))
     keys = pair_keys(seed, epochs, batch["pair_ids"])
@@ -94,29 +111,49 @@ def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
     dtypes = precision.leaf_dtypes(params, compute_dtype)
     errors = lambda p: losses.per_sample_error(
         model.apply({"params": p}, noisy, timesteps, context, **added), target)
-    if winners_only:
-      return errors(precision.cast(params, dtypes)), None
-    policy, reference = (precision.policy_and_reference if reference_pass == "shared"
-                         else precision.separate_passes)(
-        errors, precision.cast(params, dtypes), precision.cast(reference_params, dtypes))
     # Reordering a [2B] vector to winners first costs nothing.
     winners_first = lambda e: e.reshape(pairs, 2).T.reshape(-1)
-    return winners_first(policy), winners_first(reference)
+    if winners_only or reference != "live":
+      policy = errors(precision.cast(params, dtypes))
+      if winners_only:
+        return policy, None
+      precomputed = batch["reference_errors"] if reference == "precomputed" else None
+      return winners_first(policy), (None if precomputed is None
+                                      else winners_first(precomputed.astype(jnp.float32)))
+    policy, reference_errors = (precision.policy_and_reference if reference_pass == "shared"
+                                else precision.separate_passes)(
+        errors, precision.cast(params, dtypes), precision.cast(reference_params, dtypes))
+    return winners_first(policy), winners_first(reference_errors)
 
   return pair_errors
 
 
 def make_pair_loss(model, schedule: diffusion.NoiseSchedule, *, beta: float, loss_name: str,
-                   **options) -> Callable:
+                   loss_options: dict | None = None, **options) -> Callable:
   """`pair_loss(params, reference_params, batch) -> (loss, metrics)` for one encoded batch:
-  `loss_name` ('dpo' or 'sft') on `make_pair_errors(model, schedule, **options)`."""
+  `loss_name` ('dpo', 'sft', 'hinge', 'ipo', 'mapo' or 'kto': `dpo_jax.loss`) on
+  `make_pair_errors(model, schedule, **options)`. `loss_options`: the keywords of
+  `loss.mapo_loss` (beta, snr) or `loss.kto_loss` (beta, lambda_desirable,
+  lambda_undesirable). 'mapo' runs no reference model; 'kto' takes each pair's winner as
+  a liked image and its loser as a disliked one."""
+  loss_options = loss_options or {}
+  if loss_name == "mapo":
+    options = {**options, "reference": "none"}
   pair_errors = make_pair_errors(model, schedule, winners_only=loss_name == "sft", **options)
+  loss_fn = {
+      "dpo": lambda policy, reference: losses.dpo_loss(policy, reference, beta),
+      "sft": lambda policy, _: losses.sft_loss(policy),
+      "hinge": lambda policy, reference: losses.hinge_loss(policy, reference, beta),
+      "ipo": lambda policy, reference: losses.ipo_loss(policy, reference, beta),
+      "mapo": lambda policy, _: losses.mapo_loss(
+          policy, num_train_timesteps=schedule.num_train_timesteps, **loss_options),
+      "kto": lambda policy, reference: losses.kto_loss(
+          policy, reference, jnp.arange(policy.shape[0]) < policy.shape[0] // 2,
+          **loss_options),
+  }[loss_name]
 
   def pair_loss(params, reference_params, batch):
-    policy, reference = pair_errors(params, reference_params, batch)
-    if loss_name == "sft":
-      return losses.sft_loss(policy)
-    return losses.dpo_loss(policy, reference, beta)
+    return loss_fn(*pair_errors(params, reference_params, batch))
 
   return pair_loss
 
@@ -182,10 +219,25 @@ def make_train_step(pair_loss: Callable, optimizer: optax.GradientTransformation
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
     grads, metrics = accumulated_gradients(state, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def update():
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    # A non-finite loss or gradient skips the update: params and optimiser state stay as they
+    # were, bit for bit; the step and the data advance. A cond, not a select per leaf: XLA
+    # (CPU) kept both the new and the old state alive for the select, +27% of the params'
+    # bytes in temporaries; the cond costs what the plain update did.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state = jax.lax.cond(finite, update, lambda: (state.params, state.opt_state))
+    skipped = jnp.logical_not(finite).astype(jnp.int32)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
+                          nonfinite_total=state.nonfinite_total + skipped)
+    metrics.update(skipped_nonfinite=skipped, nonfinite_streak=state.nonfinite_streak,
+                   skipped_nonfinite_total=state.nonfinite_total)
+    return state, metrics
 
   # Fixed output shardings keep the state's layout step after step, so the donated buffers
   # are reused in place and the step never recompiles.

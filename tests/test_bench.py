@@ -2,6 +2,7 @@
 import json
 
 import jax
+import numpy as np
 import pytest
 from ml_collections import config_dict
 
@@ -22,19 +23,29 @@ def _tiny_config(reference_pass: str, pairs: int, unet=None) -> config_dict.Conf
   return config
 
 
-def test_separate_passes_cost_eight_forwards_per_pair():
+def test_step_flops_are_eight_forwards_per_pair_and_six_on_stored_reference_errors():
   """With two programs XLA counts every pass, so its FLOPs per step must match the model
-  count: 8 UNet forward-equivalents per pair (a wrong multiplier is off by ≥ 12%)."""
+  count: 8 UNet forward-equivalents per pair (a wrong multiplier is off by ≥ 12%). The step
+  on stored reference errors runs the policy alone: it costs exactly the reference's two
+  forwards per pair less (a reference pass left in would cost as much as the live step)."""
   # On 2 devices: XLA costs one device's share, the harness the whole step.
-  result = bench.bench(_tiny_config("separate", 4), steps=2, warmup=1,
-                       devices=jax.devices()[:2])
-  assert result["model_flops_per_step"] == 8 * 4 * result["forward_flops_per_image"]
+  live, precomputed = (bench.bench(_tiny_config("separate", 8), steps=1, warmup=0,
+                                   devices=jax.devices()[:2], reference=reference)
+                       for reference in ("live", "precomputed"))
+  forward = live["forward_flops_per_image"]
+  assert live["model_flops_per_step"] == 8 * 8 * forward
+  assert precomputed["model_flops_per_step"] == 6 * 8 * forward
   # Backward ≈ 2 forwards up to the optimiser, norms and the loss: within 10%.
-  assert result["flops_per_step"] / result["model_flops_per_step"] == pytest.approx(1, abs=0.1)
-  assert result["pairs_per_sec"] == pytest.approx(4 / result["step_seconds"])
-  assert result["mfu"] is None and result["devices"] == 2  # CPUs have no known peak.
-  assert 0 < result["final_loss"] < 10
-  assert result["peak_bytes_per_device"] > result["memory"]["temp"] > 0
+  assert live["flops_per_step"] / live["model_flops_per_step"] == pytest.approx(1, abs=0.1)
+  saved = live["flops_per_step"] - precomputed["flops_per_step"]
+  assert saved / (2 * 8 * forward) == pytest.approx(1, abs=0.02)
+  assert live["pairs_per_sec"] == pytest.approx(8 / live["step_seconds"])
+  assert live["mfu"] is None and live["devices"] == 2  # CPUs have no known peak.
+  assert 0 < live["final_loss"] < 10
+  # Random stored errors, unrelated to the policy's: a finite but large loss.
+  assert precomputed["reference"] == "precomputed" and np.isfinite(precomputed["final_loss"])
+  for result in (live, precomputed):
+    assert result["peak_bytes_per_device"] > result["memory"]["temp"] > 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ def _step_flops(loss_name: str, reference_pass: str, pairs: int = 4, size: int =
   config = tiny_config.synthetic_config()
   models = train.load_models(config)
   optimizer = optim.make_optimizer(config)
-  state = jax.eval_shape(lambda p: train._initial_state(p, optimizer, config),
+  state = jax.eval_shape(lambda p: train._initial_state(p, None, optimizer, config),
                          models.initial_params)
   mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
   pair_loss = make_pair_loss(models.unet, models.schedule, beta=5000.0, loss_name=loss_name,
