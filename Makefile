@@ -8,7 +8,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-.PHONY: install install-test demo lint test test-fast
+.PHONY: install install-test demo lint test test-all test-fast
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
@@ -29,6 +29,10 @@ lint: install-test
 # Lint first (seconds), then two workers: XLA compiles on one core at a time, so two test
 # processes keep both busy.
 test: lint
+	$(BIN)/python -m pytest -n 2 -m "not expensive"
+
+# Also the few tests marked `expensive` (over a minute of CPU each).
+test-all: lint
 	$(BIN)/python -m pytest -n 2
 
 # The edit-test loop: everything but the tests that train or start processes.

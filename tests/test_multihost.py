@@ -231,7 +231,12 @@ def _metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Over a minute of CPU, and 2 of ~11 two-process launches under pytest hung in a gloo
+# all-gather (never outside pytest): `make test-all` runs it, CI's `make test` does not.
+# (launch/local_multiprocess.sh's plain two-process run is also covered by test_launch's
+# SLURM test, which trains two processes through jax.distributed.)
 @pytest.mark.slow
+@pytest.mark.expensive
 def test_two_hosts_resumed_end_with_the_params_of_one_host_straight(data, pipeline, tmp_path):
   """2 processes × 2 CPU devices train steps 1-2, stop, and resume to step 4; 1 process × 4
   devices (reading through a grain worker process) trains 4 steps straight. Real JSONL
