@@ -151,8 +151,11 @@ def test_sft_trains_on_the_winners_denoising_loss_and_lowers_it(sd_files, tmp_pa
   for record in records:
     trained = {k for k in record if k not in ("step", "lr", "pairs_per_sec")
                and not k.startswith("data_")}
-    # SFT's metrics (loss.sft_loss) and the step's grad_norm; no reference, no losers.
-    assert trained == {"loss", "policy_error_winner", "grad_norm"}, record
+    # SFT's metrics (loss.sft_loss), the step's grad_norm and its non-finite-step counts;
+    # no reference, no losers.
+    assert trained == {"loss", "policy_error_winner", "grad_norm", "skipped_nonfinite",
+                       "skipped_nonfinite_total", "nonfinite_streak"}, record
+    assert record["skipped_nonfinite"] == 0
     assert record["loss"] == record["policy_error_winner"]
     assert np.isfinite(record["loss"]) and record["loss"] > 0 and record["grad_norm"] > 0
   models = train.load_models(config)
