@@ -51,10 +51,11 @@ _SCALING = {"sd": 0.18215, "sdxl": 0.13025}
 
 
 def forwards_per_pair(config: ml_collections.ConfigDict) -> int:
-  """UNet forward-equivalents per pair: the policy's forward and backward (3) on each image
-  the loss sees, and the reference's forward on both images when the step runs it."""
-  images = 1 if config.dpo.loss == "sft" else 2
-  return 3 * images + (2 if config_checks.runs_reference(config) else 0)
+  """UNet forward-equivalents per pair (per row: a pair, or one unpaired image): the
+  policy's forward and backward (3) on each image the loss sees, and the reference's forward
+  on those images when the step runs it."""
+  images = config_checks.images_per_example(config)
+  return 3 * images + (images if config_checks.runs_reference(config) else 0)
 
 
 def peak_flops(device: jax.Device) -> float | None:

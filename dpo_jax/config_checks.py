@@ -7,7 +7,7 @@ import ml_collections
 from dpo_jax.errors import UserError
 
 _CHOICES = {
-    ("data", "format"): ("synthetic", "pickapic", "jsonl", "tfds", "sampled"),
+    ("data", "format"): ("synthetic", "pickapic", "jsonl", "unpaired", "tfds", "sampled"),
     ("data", "sdxl_time_ids"): ("constant", "actual"),
     ("dpo", "loss"): ("dpo", "sft", "hinge", "ipo", "mapo", "kto"),
     ("dpo", "reference_pass"): ("shared", "separate"),
@@ -55,6 +55,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   timesteps(config)
   profile_window(config)
   _check_reference(config)
+  _check_unpaired(config)
   from dpo_jax import lora, validation  # Their own keys' rules live with them.
   validation.check(config)
   lora.check(config)
@@ -94,13 +95,40 @@ def _check_reference(config: ml_collections.ConfigDict) -> None:
                     "`python -m dpo_jax.reference_errors --config ... --output DIR` wrote")
 
 
+def is_unpaired(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run trains on unpaired likes and dislikes (KTO) rather than on pairs."""
+  return config.data.format == "unpaired"
+
+
+def images_per_example(config: ml_collections.ConfigDict) -> int:
+  """How many images of each batch row the step runs the UNet on: a pair's two, or one for
+  SFT (the winner) and for unpaired data (the row's only image)."""
+  return 1 if config.dpo.loss == "sft" or is_unpaired(config) else 2
+
+
+def _check_unpaired(config: ml_collections.ConfigDict) -> None:
+  if not is_unpaired(config):
+    return
+  if config.dpo.loss != "kto":
+    raise UserError(f"data.format='unpaired' holds single liked/disliked images, which only "
+                    f"dpo.loss='kto' trains on (got {config.dpo.loss!r}); set "
+                    "--config.dpo.loss=kto, or give pairs (data.format='jsonl')")
+  if config.dpo.reference != "live":
+    raise UserError("dpo.reference='precomputed' stores errors for pairs; data.format="
+                    "'unpaired' runs the reference live: leave dpo.reference at 'live'")
+  if config.data.get("cache_dir"):
+    raise UserError("the latent cache holds pairs; data.format='unpaired' reads its images: "
+                    "unset data.cache_dir")
+
+
 def _check_data_source(config: ml_collections.ConfigDict) -> None:
   if config.data.format == "tfds" and not config.data.tfds_name:
     raise UserError("data.tfds_name is not set; data.format='tfds' needs a TFDS dataset: pass "
                     "--config.data.tfds_name=NAME (with --config.data.tfds_data_dir=DIR) or "
                     "a prepared version folder")
-  if config.data.format in ("pickapic", "jsonl") and not config.data.train_files:
-    example = "DIR/*.parquet" if config.data.format == "pickapic" else "pairs.jsonl"
+  if config.data.format in ("pickapic", "jsonl", "unpaired") and not config.data.train_files:
+    example = {"pickapic": "DIR/*.parquet", "jsonl": "pairs.jsonl",
+               "unpaired": "likes.jsonl"}[config.data.format]
     raise UserError(f"data.train_files is not set; data.format='{config.data.format}' needs "
                     f"its files: pass --config.data.train_files='{example}'")
 

@@ -40,8 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'synthetic': latent pairs with a learnable preference (winners have a positive mean in
   # channel 0), made in memory, so the demo needs no files. 'pickapic': Pick-a-Pic v2
   # parquet shards as published; 'jsonl': your own {"prompt", "chosen", "rejected"} lines;
-  # 'tfds': a TFDS dataset (array_record) with Pick-a-Pic's features; 'sampled': pairs the
-  # model draws itself, judged by a scorer (data.sampled below) (all need model.pretrained).
+  # 'unpaired': {"prompt", "image", "label": true|false} lines, one rated image each, for
+  # dpo.loss='kto' (Diffusion-KTO on likes and dislikes); 'tfds': a TFDS dataset
+  # (array_record) with Pick-a-Pic's features; 'sampled': pairs the model draws itself,
+  # judged by a scorer (data.sampled below) (all need model.pretrained).
   config.data.format = "pickapic"
   config.data.train_files = config_dict.placeholder(str)  # A glob or comma-separated list.
   # Pick-a-Pic given as a folder (data.train_files=PICKAPIC_V2): its files of this split,

@@ -60,6 +60,9 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
     raise UserError(f"--dtype={dtype} is not supported; use float16, bfloat16 or float32")
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
+  if config.data.format == "unpaired":
+    raise UserError("the latent cache holds pairs; data.format='unpaired' (KTO) trains from "
+                    "its images directly: skip this step")
   if os.path.isfile(os.path.join(output, latent_cache.METADATA)) and not overwrite:
     raise UserError(f"{output} already holds a latent cache; choose another --output or pass "
                     "--overwrite")

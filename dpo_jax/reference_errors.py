@@ -203,6 +203,9 @@ def compute(config, output: str, *, overwrite: bool = False, devices=None) -> di
 
   from dpo_jax import parallel, train
 
+  if config.data.format == "unpaired":
+    raise UserError("data.format='unpaired' trains KTO with its reference live; the stored "
+                    "errors are for pairs: train without this pass (dpo.reference='live')")
   if config.data.format == "sampled":
     raise UserError("data.format='sampled' draws its pairs inside a run; point this pass at "
                     "them instead: --config.data.format=pickapic --config.data.train_files="

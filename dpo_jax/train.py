@@ -148,7 +148,7 @@ def make_data_iterator(config: ml_collections.ConfigDict,
         fingerprint=latent_cache.encoders_fingerprint(models.frozen_params["vae"],
                                                       models.frozen_params["text_encoders"]),
         folder=config.data.cache_dir)
-  if config.data.cache_dir or config.data.format in ("pickapic", "jsonl", "tfds"):
+  if config.data.cache_dir or config.data.format in ("pickapic", "jsonl", "unpaired", "tfds"):
     return loader.make_train_iterator(config, models.tokenizers,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
@@ -206,6 +206,7 @@ def build_program(config: ml_collections.ConfigDict, models: Models,
   batch_sharding = parallel.batch_sharding(mesh)
   pair_loss = make_pair_loss(models.unet, models.schedule, beta=config.dpo.beta,
                              loss_name=config.dpo.loss, loss_options=loss_options(config),
+                             unpaired=config_checks.is_unpaired(config),
                              **pair_error_options(config, models))
   step_fn = make_train_step(pair_loss, optimizer, grad_accum=config.train.grad_accum,
                             state_shardings=state_shardings, batch_sharding=batch_sharding)
@@ -238,7 +239,7 @@ def make_step_input(config: ml_collections.ConfigDict, models: Models, mesh) -> 
   frozen_shardings = parallel.state_shardings(models.frozen_params, mesh,
                                               config.mesh.min_shard_size)
   frozen = jax.device_put(models.frozen_params, frozen_shardings)
-  encode_step = make_encode_step(models.encoders, images=1 if config.dpo.loss == "sft" else 2,
+  encode_step = make_encode_step(models.encoders, images=config_checks.images_per_example(config),
                                  grad_accum=config.train.grad_accum,
                                  frozen_shardings=frozen_shardings,
                                  batch_sharding=batch_sharding)

@@ -68,11 +68,12 @@ def pair_noise(keys: jax.Array, latent_shape: tuple[int, ...], num_train_timeste
 def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
                      encoders: encode.Encoders | None = None, compute_dtype=jnp.float32,
                      noise: NoiseOptions = NoiseOptions(), reference_pass: str = "shared",
-                     reference: str = "live", winners_only: bool = False,
+                     reference: str = "live", images: int = 2,
                      policy_params: Callable | None = None,
                      sdxl_time_ids: str = "constant") -> Callable:
   """`pair_errors(params, reference_params, batch) -> (policy, reference)`: per-image
-  denoising errors [2B], winners first then losers (reference None if `winners_only`: [B]).
+  denoising errors [2B], winners first then losers; with `images=1`, [B] of each row's first
+  image alone (SFT's winners, or unpaired data's one image per row).
 
   The batch keeps pairs on its leading axis so that each device holds whole pairs: either
   the encoded pairs of the latent cache or of `make_encode_step` (`encode.encoded_batch`):
@@ -88,10 +89,10 @@ def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
   for the very (t, ε) of each pair) and 'none' returns None (reference-free losses): neither
   runs a reference model, and `reference_params` may be None. `policy_params(params,
   reference_params)`, when given, makes the policy's UNet params of the trained ones (LoRA:
-  the base, which is the reference, plus the adapters). `winners_only` (SFT) runs the
-  UNet on the winners alone.
+  the base, which is the reference, plus the adapters).
   """
-  images = 1 if winners_only else 2
+  if images not in (1, 2):
+    raise ValueError(f"images={images}: a row holds a pair (2) or one image (1)")
 
   def pair_errors(params, reference_params, batch):
     if policy_params is not None:
@@ -111,12 +112,10 @@ def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
     dtypes = precision.leaf_dtypes(params, compute_dtype)
     errors = lambda p: losses.per_sample_error(
         model.apply({"params": p}, noisy, timesteps, context, **added), target)
-    # Reordering a [2B] vector to winners first costs nothing.
-    winners_first = lambda e: e.reshape(pairs, 2).T.reshape(-1)
-    if winners_only or reference != "live":
+    # Reordering a [2B] vector to winners first costs nothing (nothing to do for one image).
+    winners_first = lambda e: e.reshape(pairs, images).T.reshape(-1)
+    if reference != "live":
       policy = errors(precision.cast(params, dtypes))
-      if winners_only:
-        return policy, None
       precomputed = batch["reference_errors"] if reference == "precomputed" else None
       return winners_first(policy), (None if precomputed is None
                                       else winners_first(precomputed.astype(jnp.float32)))
@@ -129,31 +128,40 @@ def make_pair_errors(model, schedule: diffusion.NoiseSchedule, *, seed: int,
 
 
 def make_pair_loss(model, schedule: diffusion.NoiseSchedule, *, beta: float, loss_name: str,
-                   loss_options: dict | None = None, **options) -> Callable:
+                   loss_options: dict | None = None, unpaired: bool = False,
+                   **options) -> Callable:
   """`pair_loss(params, reference_params, batch) -> (loss, metrics)` for one encoded batch:
   `loss_name` ('dpo', 'sft', 'hinge', 'ipo', 'mapo' or 'kto': `dpo_jax.loss`) on
   `make_pair_errors(model, schedule, **options)`. `loss_options`: the keywords of
   `loss.mapo_loss` (beta, snr) or `loss.kto_loss` (beta, lambda_desirable,
-  lambda_undesirable). 'mapo' runs no reference model; 'kto' takes each pair's winner as
-  a liked image and its loser as a disliked one."""
+  lambda_undesirable). 'sft' and 'mapo' run no reference model. 'kto' takes each pair's
+  winner as a liked image and its loser as a disliked one, or, with `unpaired`, each row's
+  one image and its label, the batch's `desirable` [B] (bool)."""
   loss_options = loss_options or {}
-  if loss_name == "mapo":
+  if loss_name in ("sft", "mapo"):
     options = {**options, "reference": "none"}
-  pair_errors = make_pair_errors(model, schedule, winners_only=loss_name == "sft", **options)
+  if unpaired and loss_name != "kto":
+    raise ValueError(f"unpaired data trains with the 'kto' loss only, not {loss_name!r}")
+  images = 1 if loss_name == "sft" or unpaired else 2
+  pair_errors = make_pair_errors(model, schedule, images=images, **options)
+  def liked(policy, batch):
+    if unpaired:
+      return batch["desirable"]
+    return jnp.arange(policy.shape[0]) < policy.shape[0] // 2  # Winners first.
+
   loss_fn = {
-      "dpo": lambda policy, reference: losses.dpo_loss(policy, reference, beta),
-      "sft": lambda policy, _: losses.sft_loss(policy),
-      "hinge": lambda policy, reference: losses.hinge_loss(policy, reference, beta),
-      "ipo": lambda policy, reference: losses.ipo_loss(policy, reference, beta),
-      "mapo": lambda policy, _: losses.mapo_loss(
+      "dpo": lambda policy, reference, _: losses.dpo_loss(policy, reference, beta),
+      "sft": lambda policy, _, __: losses.sft_loss(policy),
+      "hinge": lambda policy, reference, _: losses.hinge_loss(policy, reference, beta),
+      "ipo": lambda policy, reference, _: losses.ipo_loss(policy, reference, beta),
+      "mapo": lambda policy, _, __: losses.mapo_loss(
           policy, num_train_timesteps=schedule.num_train_timesteps, **loss_options),
-      "kto": lambda policy, reference: losses.kto_loss(
-          policy, reference, jnp.arange(policy.shape[0]) < policy.shape[0] // 2,
-          **loss_options),
+      "kto": lambda policy, reference, batch: losses.kto_loss(
+          policy, reference, liked(policy, batch), **loss_options),
   }[loss_name]
 
   def pair_loss(params, reference_params, batch):
-    return loss_fn(*pair_errors(params, reference_params, batch))
+    return loss_fn(*pair_errors(params, reference_params, batch), batch)
 
   return pair_loss
 

@@ -176,3 +176,75 @@ def test_a_run_on_data_with_no_usable_pair_exits_2_in_one_line(tmp_path):
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "no usable pair in a whole pass" in errors[0], result.stderr[-2000:]
+
+
+# --- Unpaired likes and dislikes (data.format='unpaired', Diffusion-KTO) ---
+
+# Row i shows LIKED_COLOURS[i]; true/1 liked, false/0 disliked (both spellings accepted).
+UNPAIRED = (("a red cat", (255, 0, 0), True), ("a green dog", (0, 255, 0), 0),
+            ("blue sky", (0, 0, 255), 1), ("yellow tree", (255, 255, 0), False))
+
+
+@pytest.fixture(scope="module")
+def unpaired_file(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("unpaired")
+  lines = []
+  for i, (prompt, colour, label) in enumerate(UNPAIRED):
+    _write_image(folder / f"{i}.png", colour, (24, 20))
+    lines.append(json.dumps({"prompt": prompt, "image": f"{i}.png", "label": label}))
+  # Refused at load, each with its reason: a label that is neither, a pair's line.
+  lines.insert(1, json.dumps({"prompt": "p", "image": "0.png", "label": "up"}))
+  lines.insert(3, json.dumps({"prompt": "p", "chosen": "0.png", "rejected": "1.png"}))
+  (folder / "likes.jsonl").write_text("\n".join(lines) + "\n")
+  return str(folder / "likes.jsonl")
+
+
+def test_unpaired_source_reads_one_image_and_its_label_per_line(unpaired_file, caplog):
+  with caplog.at_level(logging.WARNING):
+    source = jsonl_pairs.UnpairedJsonlSource(unpaired_file)
+  assert (len(source), source.num_malformed) == (4, 2)
+  messages = " ".join(record.getMessage() for record in caplog.records)
+  assert "label must be true/1 (liked) or false/0 (disliked), got 'up'" in messages
+  assert "image missing or not a string" in messages
+  for i, (prompt, colour, label) in enumerate(UNPAIRED):
+    record = pickle.loads(pickle.dumps(source))[i]
+    assert set(record) == {"caption", "image", "desirable", "pair_ids"}
+    assert (record["caption"], record["desirable"]) == (prompt, bool(label))
+    assert Image.open(io.BytesIO(record["image"])).getpixel((0, 0)) == colour
+
+
+def test_unpaired_batches_hold_one_image_a_row_and_its_label(unpaired_file, tokenizers):
+  iterator = _iterator(_config(unpaired_file, format="unpaired"), tokenizers)
+  seen = set()
+  for _ in range(4):
+    batch = next(iterator)
+    assert batch["pixels"].shape == (2, 1, RESOLUTION, RESOLUTION, 3)
+    assert batch["original_size"].shape == batch["crop_top_left"].shape == (2, 1, 2)
+    assert batch["desirable"].dtype == np.bool_ and batch["desirable"].shape == (2,)
+    for pixels, row, liked in zip(batch["pixels"], batch["pair_ids"], batch["desirable"]):
+      seen.add(int(row))
+      _, colour, label = UNPAIRED[row]
+      assert bool(liked) == bool(label)
+      np.testing.assert_allclose(pixels[0], np.broadcast_to(np.float32(colour) / 127.5 - 1,
+                                                            pixels[0].shape), atol=1e-5)
+  assert seen == set(range(len(UNPAIRED)))
+
+
+def test_unpaired_data_is_refused_for_pair_losses_and_the_latent_cache():
+  from dpo_jax import config_checks, default_config
+  config = default_config.get_config()
+  config.data.format, config.data.train_files = "unpaired", "likes.jsonl"
+  config.optim.peak_lr = 1e-6
+  with pytest.raises(UserError, match="only dpo.loss='kto' trains on") as error:
+    config_checks.check_config(config)
+  assert "\n" not in str(error.value)
+  config.dpo.loss = "kto"
+  config_checks.check_config(config)
+  assert config_checks.images_per_example(config) == 1
+  config.data.cache_dir = "cache"
+  with pytest.raises(UserError, match="unset data.cache_dir"):
+    config_checks.check_config(config)
+  config.data.cache_dir, config.dpo.reference = None, "precomputed"
+  config.dpo.reference_errors = "errors"
+  with pytest.raises(UserError, match="leave dpo.reference at 'live'"):
+    config_checks.check_config(config)

@@ -1,5 +1,6 @@
 """`train()` beyond SD DPO in float32: SDXL in the recipe's dtypes (step 1 at exactly ln 2,
-constant or actual time ids) and the SFT baseline (winners' denoising loss, pushed down)."""
+constant or actual time ids), the SFT baseline (winners' denoising loss, pushed down) and
+Diffusion-KTO on unpaired likes and dislikes (data.format='unpaired')."""
 import json
 
 import jax
@@ -176,6 +177,49 @@ def test_sft_trains_on_the_winners_denoising_loss_and_lowers_it(sd_files, tmp_pa
     assert np.isfinite(float(metrics["grad_norm"])), losses
   assert losses[0] == records[0]["loss"]
   assert all(after < before for before, after in zip(losses, losses[1:])), losses
+
+
+def _write_likes(folder, rows: int) -> str:
+  """An unpaired JSONL file: warm textures liked, cool ones disliked, alternating."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(rows):
+    liked = i % 2 == 0
+    Image.fromarray(tiny_data.textured(rng, IMAGE_SIZE, warm=liked)).save(folder / f"{i}.png")
+    lines.append(json.dumps({"prompt": f"picture {i}", "image": f"{i}.png", "label": liked}))
+  (folder / "likes.jsonl").write_text("\n".join(lines) + "\n")
+  return str(folder / "likes.jsonl")
+
+
+@pytest.mark.slow
+def test_kto_on_unpaired_data_starts_at_one_half_and_pushes_likes_up_dislikes_down(
+    sd_files, tmp_path):
+  config = _config(sd_files, steps=2, batch_pairs=8)  # Every row a step: likes and dislikes.
+  config.data.format, config.dpo.loss, config.optim.peak_lr = "unpaired", "kto", 1e-5
+  config.data.train_files = _write_likes(tmp_path, rows=8)
+  train.train(config, str(tmp_path / "run"), jax.devices()[:1])
+  first = _logged(tmp_path / "run")[0]
+  # Policy = reference at step 1 (one shared pass, bit for bit): every reward is 0, so the
+  # reference point is 0 and each sample's utility σ(0) = ½.
+  assert first["loss"] == 0.5 and first["implicit_acc"] == 0.5
+  assert first["kto_reference_point"] == 0.0
+  assert {"reward_desirable", "reward_undesirable", "policy_error"} <= set(first)
+
+  # One batch, stepped on again and again: the liked images' rewards (reference error −
+  # policy error) rise above the disliked ones', which KTO's gradient asks for.
+  models = train.load_models(config)
+  state, program = train.build_program(config, models, parallel.make_mesh(-1, 1,
+                                                                          jax.devices()[:1]))
+  host_batch = next(train.make_data_iterator(config, models))
+  assert host_batch["pixels"].shape[1] == 1  # One image a row.
+  assert set(host_batch["desirable"].tolist()) == {True, False}
+  batch = program.step_input(host_batch)
+  gaps = []
+  for _ in range(4):
+    state, metrics = program.step_fn(state, batch)
+    gaps.append(float(metrics["reward_desirable"]) - float(metrics["reward_undesirable"]))
+  assert gaps[0] == 0.0 and all(after > before for before, after in zip(gaps, gaps[1:])), gaps
 
 
 def test_out_of_memory_in_the_first_step_is_one_line():

@@ -11,6 +11,8 @@ or host count either. Batches hold `pixels` [B, 2, R, R, 3] float32 (winner, los
 [B, 2, 2] int32, `pair_ids` and `epochs` [B] int32, with B = train.batch_pairs /
 process_count. A pair that cannot be used is counted (`skips`) and the next usable pair of
 its epoch takes its row; `PairBatches` keeps the counts, and saves them with the position.
+Unpaired data (data.format='unpaired', for KTO) gives one image per row instead of two
+(`pixels` [B, 1, R, R, 3], ...) and each row's label, `desirable` [B] bool.
 """
 import copy
 import functools
@@ -56,11 +58,13 @@ def make_source(data_config) -> interfaces.PairSource:
   """The random-access source `data.format` names; all give the same records."""
   model_filter = data_config.get("model_filter")
   data_format = data_config.get("format", "pickapic")
-  if data_format == "jsonl":
+  if data_format in ("jsonl", "unpaired"):
     if model_filter:
       raise UserError("data.model_filter reads Pick-a-Pic's model_0/model_1 columns; JSONL "
-                      "pairs have none: unset --config.data.model_filter")
-    return jsonl_pairs.JsonlPairsSource(data_config.train_files)
+                      "files have none: unset --config.data.model_filter")
+    source = (jsonl_pairs.JsonlPairsSource if data_format == "jsonl"
+              else jsonl_pairs.UnpairedJsonlSource)
+    return source(data_config.train_files)
   if data_format == "tfds":
     return tfds_pairs.TfdsPairsSource(data_config.tfds_name, split=data_config.tfds_split,
                                       data_dir=data_config.get("tfds_data_dir"),

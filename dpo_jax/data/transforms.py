@@ -106,6 +106,8 @@ def prepare_pair(record: dict, *, seed: int, resolution: int, random_crop: bool,
 
   Output: pixels [2, R, R, 3] float32 (winner, loser), original_size and crop_top_left
   [2, 2] int32 (h, w) / (top, left), caption (str), pair_ids and epochs (int32 scalars).
+  An unpaired record (one `image` and its `desirable` label, for KTO) gives one image on
+  that axis ([1, R, R, 3], [1, 2]) and keeps `desirable` (bool).
   """
   ids = {"pair_ids": np.int32(record["pair_ids"]), "epochs": np.int32(record["epochs"])}
   if "skip" in record:  # The source left it out: a tie, a missing image file, ...
@@ -114,7 +116,7 @@ def prepare_pair(record: dict, *, seed: int, resolution: int, random_crop: bool,
   if not isinstance(record["caption"], str):
     return skip("caption", "no caption")
   try:
-    images = [decode_image(record[side], resolution) for side in ("winner", "loser")]
+    images = [decode_image(record[side], resolution) for side in _sides(record)]
   except UnusableImage as e:
     return skip("image", str(e))
   except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
@@ -126,8 +128,15 @@ def prepare_pair(record: dict, *, seed: int, resolution: int, random_crop: bool,
                      random_flip=random_flip)
              for image, image_draws in zip(images, draws[1:].reshape(2, _DRAWS_PER_IMAGE))]
   pixels, original, crop = zip(*outputs)
+  label = {"desirable": np.bool_(record["desirable"])} if "desirable" in record else {}
   return {"pixels": np.stack(pixels), "original_size": np.asarray(original, np.int32),
-          "crop_top_left": np.asarray(crop, np.int32), "caption": caption, **ids}
+          "crop_top_left": np.asarray(crop, np.int32), "caption": caption, **ids, **label}
+
+
+def _sides(record: dict) -> tuple[str, ...]:
+  """The record's images in the order the batch holds them: a pair's winner then loser, or
+  an unpaired example's one image."""
+  return ("image",) if "image" in record else ("winner", "loser")
 
 
 def tokenize_pair(element: dict, tokenizers: Sequence[transformers.CLIPTokenizer]) -> dict:
