@@ -36,7 +36,7 @@ from absl import flags
 
 from dpo_jax import cli, config_checks, diffusion, encode, parallel, train
 from dpo_jax.errors import UserError
-from dpo_jax.models import unet as unet_lib, unet_presets, vae as vae_lib
+from dpo_jax.models import layers, unet as unet_lib, unet_presets, vae as vae_lib
 from dpo_jax.models.unet import init_abstract
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets, no sparsity).
@@ -253,7 +253,8 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
       "reference_dtype": config.model.reference_dtype,
       "reference_pass": config.dpo.reference_pass, "reference": reference,
       "remat": config.model.remat,
-      "attention": config.model.attention_implementation or "xla",
+      "attention": layers.attention_implementation(config.model.attention_implementation,
+                                                   0, 0) or "xla",
       "optimizer": config.optim.name, "devices": devices, "device": device.device_kind,
       "backend": jax.default_backend(),
       "pairs_per_sec": pairs_per_sec,

@@ -34,7 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.vae_dtype = "float32"
   config.model.text_encoder_dtype = "float32"
   config.model.remat = False
-  config.model.attention_implementation = config_dict.placeholder(str)  # 'xla' | 'cudnn'
+  # Unset: ours ('blocked', FlashAttention's backward pass) on the CPU, XLA's elsewhere;
+  # 'xla' | 'cudnn' (NVIDIA) | 'blocked' (models/layers.attention_implementation).
+  config.model.attention_implementation = config_dict.placeholder(str)
 
   config.data = ml_collections.ConfigDict()
   # 'synthetic': latent pairs with a learnable preference (winners have a positive mean in

@@ -31,9 +31,9 @@ def pickapic_dpo(config: ml_collections.ConfigDict, *, pretrained: str, resoluti
   # reference's activations for the backward pass too: if memory binds, turn remat on or
   # use 'separate'.)
   config.model.remat = remat
-  # model.attention_implementation stays unset: XLA's attention on every backend. On NVIDIA
-  # GPUs 'cudnn' (flash attention for the image self-attention) is the fast path:
-  # --config.model.attention_implementation=cudnn.
+  # model.attention_implementation stays unset: XLA's attention on accelerators (ours on
+  # the CPU). On NVIDIA GPUs 'cudnn' (flash attention for the image self-attention) is the
+  # fast path: --config.model.attention_implementation=cudnn.
 
   config.data.format = "pickapic"  # §5.1: Pick-a-Pic v2, ties excluded (851,293 pairs).
   # data.train_files stays unset: the parquet shards are required on the command line.

@@ -54,8 +54,9 @@ def test_synthetic_run_trains_and_logs_metrics(tmp_path):
     (["--config.data.cache_dir=/nowhere"], "data.cache_dir needs model.pretrained"),
     (["--config.data.format=tfds"], "data.tfds_name is not set"),
     (["--config.train.profile_steps=5"], "train.profile_steps='5': write two step numbers"),
-    # 1024 px: the attention over 128×128 latents wants ~1 TB; refused after compiling.
-    (["--config.data.resolution=1024"], "the train step does not fit in the device's memory"),
+    # 1024 px, 64 pairs: ~0.2 TB of activations by XLA's estimate; refused after compiling.
+    (["--config.data.resolution=1024", "--config.train.batch_pairs=64"],
+     "the train step does not fit in the device's memory"),
     (["--config.train.profile_steps=3,99"], "need 1 <= A <= B <= train.steps (6)"),
 ])
 def test_user_mistakes_end_in_one_line_and_status_2(tmp_path, args, expected):

@@ -41,7 +41,9 @@ def _synthetic_batch(config, models, pairs: int, first_pair: int = 0):
       context_length=config.data.context_length, context_dim=unet.cross_attention_dim[0])
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-3)])
+# float32: the loss is ~14 here, so 5e-5 of it is 7e-4 of the inside term, i.e. errors equal
+# to ~1e-7 (1.04e-5 measured with the CPU's blocked attention).
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 5e-5), ("bfloat16", 2e-3)])
 def test_precomputed_loss_equals_the_live_loss(dtype, tolerance):
   """A policy moved away from the reference (so the loss is not ln 2): the loss and metrics
   from stored reference errors equal those of the live reference pass (the reference errors

@@ -12,6 +12,9 @@ from dpo_jax.train_step import NoiseOptions, make_pair_loss, make_train_step, pa
 
 def _step_flops(loss_name: str, reference_pass: str, pairs: int = 4, size: int = 32) -> float:
   config = tiny_config.synthetic_config()
+  # XLA's attention: the CPU's own (query blocks in a loop) would be counted once per loop
+  # by XLA's cost analysis, as the shared pass is.
+  config.model.attention_implementation = "xla"
   models = train.load_models(config)
   optimizer = optim.make_optimizer(config)
   state = jax.eval_shape(lambda p: train._initial_state(p, None, optimizer, config),

@@ -128,7 +128,8 @@ def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
       given; params stay float32.
     vae_dtype, text_encoder_dtype: compute dtypes of the VAE and of the text encoders.
     variant: weights variant of every component (e.g. 'fp16'), as diffusers' `variant`.
-    attention_implementation: for the UNet and text encoders (e.g. 'cudnn'); None: XLA's.
+    attention_implementation: for the UNet (`layers.attention_implementation`) and, when
+      'xla' or 'cudnn', for the text encoders; None: each module's default.
     remat: recompute the UNet's blocks in the backward pass.
     vae: a VAE folder (or hub id) to use instead of the pipeline's vae/ (e.g. SDXL's
       fp16-fix VAE); export still writes the pipeline's own.
@@ -151,6 +152,8 @@ def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
     _require(index, tokenizer_name, None, where)
   attention = ({"attention_implementation": attention_implementation}
                if attention_implementation else {})  # Else each module's own default.
+  # Ours ('blocked') is the UNet's; the text encoders' causal attention stays XLA's.
+  text_attention = {} if attention_implementation == "blocked" else attention
   sub = lambda name: os.path.join(folder, name)
 
   unet_folder = _unet_folder(unet_init) if unet_init else sub("unet")
@@ -161,7 +164,7 @@ def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
   encoders, tokenizers = [], []
   for encoder_name, tokenizer_name, cls in slots:
     encoders.append(clip.load_clip(sub(encoder_name), cls, dtype=text_encoder_dtype or dtype,
-                                   variant=variant, **attention))
+                                   variant=variant, **text_attention))
     tokenizers.append(tokenizer.load_tokenizer(sub(tokenizer_name)))
   _check_compatible(unet, encoders, where)
   scheduler_config = model_files.read_config(sub("scheduler"), "scheduler_config.json")

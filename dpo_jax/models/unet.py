@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from dpo_jax.errors import UserError
 from dpo_jax.models import model_files, weights
-from dpo_jax.models.layers import (Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding,
-                                   Upsample2D, group_norm, timestep_embedding)
+from dpo_jax.models.layers import (Attention, Downsample2D, PointwiseConv, ResnetBlock2D,
+                                   TimestepEmbedding, Upsample2D, group_norm, timestep_embedding)
 
 # ---------------------------------------------------------------------------------------------
 # The config.
@@ -226,11 +226,8 @@ class Transformer2DModel(nn.Module):
     batch, height, width, channels = x.shape
     h = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
     # A 1x1 conv and a dense layer are the same map; diffusers stores them differently.
-    if self.use_linear_projection:
-      project = lambda name, y: nn.Dense(self.channels, dtype=self.dtype, name=name)(y)
-    else:
-      project = lambda name, y: nn.Conv(self.channels, (1, 1), dtype=self.dtype, name=name)(
-          y[:, :, None, :])[:, :, 0, :]
+    layer = nn.Dense if self.use_linear_projection else PointwiseConv
+    project = lambda name, y: layer(self.channels, dtype=self.dtype, name=name)(y)
     h = project("proj_in", h.reshape(batch, height * width, channels))
     block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.layers):

@@ -9,7 +9,9 @@ encoders in the step), compiled ahead of time for N fake CPU devices from ShapeD
 with their shardings: no weights are allocated and no data are read, so one CPU machine
 plans a 64-device SDXL layout. `train.batch_pairs` becomes devices × `--pairs_per_device` ×
 `train.grad_accum`; every other key (`model.remat`, `model.reference_dtype`,
-`model.compute_dtype`, `mesh.fsdp`, `dpo.reference_pass`, ...) is the config's. The UNet is
+`model.compute_dtype`, `mesh.fsdp`, `dpo.reference_pass`, ...) is the config's, but an
+unset `model.attention_implementation` compiles XLA's attention, as accelerators run it
+(the CPU's own default, `blocked`, holds no attention probabilities). The UNet is
 `--unet`'s release shape, else the one `model.pretrained` names (a release's hub id, or a
 local pipeline folder's unet/config.json), else `model.unet`.
 
@@ -109,6 +111,9 @@ def measure(config: ml_collections.ConfigDict, *, preset: str | None = None, dev
                     "holds the attention matrices that cuDNN's fused kernel does not)")
   config = ml_collections.ConfigDict(config.to_dict())  # A copy: batches arrive encoded,
   config.data.cache_dir = "(abstract latent-cache batches)"  # as from a latent cache,
+  # Unset means ours on a CPU, XLA's on the accelerators this tool plans for: compile XLA's.
+  if config.model.attention_implementation is None:
+    config.model.attention_implementation = "xla"
   if config.dpo.reference == "precomputed":  # with the reference's errors (`abstract_batch`).
     config.dpo.reference_errors = "(abstract reference errors)"
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
