@@ -10,7 +10,8 @@ in this process:
   loader   `loader.make_train_iterator` end to end (parquet row-group reads, prepare,
            tokenize, batch), with data.workers=0 and, if asked, more worker processes;
   cache    `loader.make_train_iterator` with data.cache_dir set (ArrayRecord reads in random
-           order, safetensors decode, prompt dropout, batch), with the same worker counts.
+           order, a pair's record and its caption's entry, safetensors decode, prompt
+           dropout, batch), with the same worker counts.
 Each row is a Markdown table row. Run from the repository root:
 
   python benchmarks/data_throughput.py [--seconds 5] [--workers 0,2]
@@ -265,7 +266,9 @@ def write_cache(folder: str, resolution: int, dtype: str, seed: int) -> int:
   for pair_id in range(model.pairs):
     writer.write(cached_pair(rng, model, resolution, dtype, pair_id))
   writer.close({"kept": model.pairs})
-  return os.path.getsize(latent_cache.shard_path(folder, 0, 1))
+  # Its contexts are random, never repeated: the caption table holds one entry a pair.
+  return (os.path.getsize(latent_cache.shard_path(folder, 0, 1))
+          + os.path.getsize(latent_cache.captions_path(folder, 0, 1)))
 
 
 def bench_cache(resolutions: list[int], workers: list[int], seconds: float) -> None:
@@ -274,7 +277,7 @@ def bench_cache(resolutions: list[int], workers: list[int], seconds: float) -> N
     with tempfile.TemporaryDirectory() as folder:
       kb = write_cache(folder, resolution, dtype, _SEED.value) / model.pairs / 1024
       print(f"\nCache {model.kind} at {resolution} ({dtype}): {model.pairs} pairs, "
-            f"{kb:.0f} KB per pair (shard file / pairs), "
+            f"{kb:.0f} KB per pair (shard and caption table files / pairs), "
             f"{kb * 1024 * PICKAPIC_V2_PAIRS / 2 ** 30:.0f} GiB per "
             f"{PICKAPIC_V2_PAIRS // 1000}K pairs")
       header()

@@ -4,7 +4,8 @@ Runs the training data pipeline once (data.format, data.train_files or data.tfds
 data.resolution, epoch 0's crops and flips, every caption) through the frozen VAE and text
 encoders of model.pretrained, and writes the cache that `--config.data.cache_dir=DIR`
 trains from (format: `dpo_jax.data.latent_cache`). Started on several hosts by the same
-launchers as training, each host encodes and writes its own contiguous share of the pairs.
+launchers as training, each host encodes and writes its own contiguous share of the pairs, and
+the table of the distinct caption encodings among them, which its pair records refer to.
 """
 import os
 import time
@@ -115,8 +116,9 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
             f"{writer.pairs / (last_report - started):.1f} pairs/s", flush=True)
   writer.close(batches.counts)
   print(f"host {index}/{count}: wrote {writer.pairs} pairs to "
-        f"{latent_cache.shard_path(output, index, count)} ({skips.describe(batches.counts)})",
-        flush=True)
+        f"{latent_cache.shard_path(output, index, count)} ({skips.describe(batches.counts)}), "
+        f"their {writer.captions} distinct caption encodings to "
+        f"{os.path.basename(latent_cache.captions_path(output, index, count))}", flush=True)
   return batches.counts
 
 

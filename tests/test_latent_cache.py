@@ -1,12 +1,15 @@
 """The latent cache: prepare once, then train from it exactly as from the raw images."""
 import functools
+import itertools
 import json
 import os
 import shutil
 
+import grain.python as grain
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import subprocesses
 import tiny_config
@@ -20,11 +23,22 @@ from dpo_jax.train_step import make_pair_loss
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "tiny_config.py")
 PAIRS = 12
+# Pair i's caption is CAPTIONS[i]: each of 3 prompts judged 4 times, as Pick-a-Pic judges a
+# prompt many times, so the caption tables hold fewer entries than there are pairs. The two
+# hosts' shares (pairs 0-5, 6-11) meet the prompts in different orders, so an entry read
+# from the wrong host's table is seen.
+PROMPTS = ("a red cat", "photo of a dog", "blue tree")
+CAPTIONS = tuple(PROMPTS[i] for i in (0, 1, 0, 2, 1, 0, 2, 2, 1, 0, 2, 1))
+# Bounds on ArrayRecord's framing around records under 64 KiB (group_size:1, uncompressed):
+# per record, a riegeli chunk header (40 B), its sizes and at most one 24 B block header;
+# per file, the data padded to a 64 KiB block and the index footer in a block of its own.
+FRAMING_PER_RECORD, FRAMING_PER_FILE = 128, 2 * 65536
 
 
 def _write_files(kind: str, folder):
   tiny_models.make_pipeline(kind).save_pretrained(folder / "pipeline")
-  tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=PAIRS, seed=0, size=44)
+  tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=PAIRS, seed=0, size=44,
+                               captions=CAPTIONS)
   return folder
 
 
@@ -36,6 +50,16 @@ def kind_and_files(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_files(tmp_path_factory):
   return _write_files("sd", tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def sd_cache(sd_files, tmp_path_factory):
+  """The sd data's cache, written by two hosts, each its contiguous share (float16)."""
+  output = str(tmp_path_factory.mktemp("sd_cache") / "cache")
+  for host in (1, 0):
+    prepare_lib.prepare(_config(sd_files), output, batch_pairs=4, process_index=host,
+                        process_count=2)
+  return output
 
 
 def _config(folder, **data):
@@ -101,17 +125,15 @@ def test_training_from_the_cache_gives_the_raw_loss_for_the_same_noise(kind_and_
   assert 0 < dropped < PAIRS  # Prompt dropout reached the cache batches too.
 
 
-def test_hosts_write_contiguous_shares_in_pair_order(sd_files, tmp_path):
+def test_hosts_write_contiguous_shares_in_pair_order(sd_files, sd_cache, tmp_path):
   config = _config(sd_files)
-  output = str(tmp_path / "cache")
-  for host in (1, 0):
-    prepare_lib.prepare(config, output, batch_pairs=4, process_index=host, process_count=2,
-                        overwrite=True)
+  output = sd_cache
   source = latent_cache.LatentCacheSource(output)
   assert [int(source[i]["pair_ids"]) for i in range(len(source))] == list(range(PAIRS))
   record = source[0]
   assert record["latent_mean"].dtype == np.float16 and record["latent_mean"].shape[0] == 2
-  with open(latent_cache.shard_path(output, 1, 2).replace(".array_record", ".json")) as f:
+  assert record["context"].dtype == np.float16 and latent_cache.CAPTION_INDEX not in record
+  with open(latent_cache.summary_path(output, 1, 2)) as f:
     assert json.load(f)["pairs"] == PAIRS // 2
 
   # A restored iterator continues as one never stopped, also from a cache that moved.
@@ -130,11 +152,70 @@ def test_hosts_write_contiguous_shares_in_pair_order(sd_files, tmp_path):
     for name in want:
       np.testing.assert_array_equal(want[name], got[name], err_msg=name)
   # A share that never finished is named, not read as a smaller dataset.
-  os.remove(latent_cache.shard_path(output, 0, 2).replace(".array_record", ".json"))
+  moved = str(tmp_path / "moved")
+  os.remove(latent_cache.summary_path(moved, 0, 2))
   with pytest.raises(UserError, match=r"is incomplete \(pairs-00000-of-00002"):
-    latent_cache.LatentCacheSource(output)
+    latent_cache.LatentCacheSource(moved)
   with pytest.raises(UserError, match="already holds a latent cache"):
-    prepare_lib.prepare(config, output, process_index=0, process_count=2)
+    prepare_lib.prepare(config, moved, process_index=0, process_count=2)
+
+
+def _record_bytes(arrays: dict[str, np.ndarray]) -> int:
+  """A record's size as the cache stores it: safetensors of arrays of these names, shapes and
+  dtypes (their bytes, plus a JSON header that depends on nothing else)."""
+  return len(safetensors.numpy.save({k: np.zeros(np.shape(v), np.asarray(v).dtype)
+                                     for k, v in arrays.items()}))
+
+
+def test_pairs_of_one_caption_share_one_entry_of_their_hosts_table(sd_cache):
+  metadata = latent_cache.read_metadata(sd_cache)
+  source = latent_cache.LatentCacheSource(sd_cache)
+  pairs = [source[i] for i in range(len(source))]
+  caption = lambda pair: CAPTIONS[int(pair["pair_ids"])]
+  # Each host stores each caption of its own share once; the tables are not shared.
+  shares = np.split(np.arange(PAIRS), np.cumsum(metadata["shard_pairs"])[:-1])
+  entries = [len({CAPTIONS[i] for i in share}) for share in shares]
+  assert metadata["shard_captions"] == entries and sum(entries) < PAIRS
+  # The join: pairs read the same context exactly when they share a caption, across hosts too.
+  for a, b in itertools.combinations(pairs, 2):
+    assert np.array_equal(a["context"], b["context"]) == (caption(a) == caption(b))
+
+  # Stored: pairs without their context, and one context per entry, as the formula from the
+  # shapes gives to the byte.
+  own, text = latent_cache.split_pair(pairs[0])
+  pair_bytes = _record_bytes({**own, latent_cache.CAPTION_INDEX: np.int32(0)})
+  caption_bytes = _record_bytes(text)
+  expected = PAIRS * pair_bytes + sum(entries) * caption_bytes
+  files = metadata["shards"] + metadata["caption_tables"]
+  records = grain.ArrayRecordDataSource(files)
+  stored = sum(len(records[i]) for i in range(len(records)))
+  assert stored == expected
+  # On disk, those records in ArrayRecord's framing.
+  measured = sum(os.path.getsize(f) for f in files)
+  framing = FRAMING_PER_RECORD * len(records) + FRAMING_PER_FILE * len(files)
+  assert stored < measured <= stored + framing
+  # Smaller than format 1's layout (a context in every pair record) by the expected factor:
+  # of the pairs' contexts, entries / pairs remain. (Format 1's one safetensors header a pair
+  # differs from the two here by tens of bytes: hence the tolerance.)
+  per_pair_layout = PAIRS * _record_bytes(pairs[0])
+  factor = (pair_bytes + caption_bytes) / (pair_bytes + caption_bytes * sum(entries) / PAIRS)
+  assert per_pair_layout / stored == pytest.approx(factor, rel=0.01)
+
+
+def test_a_cache_of_an_older_format_is_refused_in_one_line(sd_cache, tmp_path):
+  old = tmp_path / "old"
+  shutil.copytree(sd_cache, old)
+  with open(old / latent_cache.METADATA) as f:
+    metadata = json.load(f)
+  with open(old / latent_cache.METADATA, "w") as f:
+    json.dump({**metadata, "format_version": 1}, f)
+  with pytest.raises(UserError) as error:
+    latent_cache.LatentCacheSource(str(old))
+  message = str(error.value)
+  assert "\n" not in message
+  assert message == latent_cache.format_error(str(old), 1)
+  assert f"format 1, this dpo_jax reads format {latent_cache.FORMAT_VERSION}" in message
+  assert message.endswith(f"python -m dpo_jax.prepare --output {old} --overwrite")
 
 
 _run = subprocesses.run_module
@@ -173,8 +254,9 @@ def test_two_processes_prepare_one_cache_each_its_share(sd_files, tmp_path):
       timeout=300, MODULE="dpo_jax.prepare")
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / "cache")) == [
-      "cache.json", "empty_prompt.safetensors", "pairs-00000-of-00002.array_record",
-      "pairs-00000-of-00002.json", "pairs-00001-of-00002.array_record",
-      "pairs-00001-of-00002.json"]
+      "cache.json", "captions-00000-of-00002.array_record",
+      "captions-00001-of-00002.array_record", "empty_prompt.safetensors",
+      "pairs-00000-of-00002.array_record", "pairs-00000-of-00002.json",
+      "pairs-00001-of-00002.array_record", "pairs-00001-of-00002.json"]
   source = latent_cache.LatentCacheSource(str(tmp_path / "cache"))
   assert [int(source[i]["pair_ids"]) for i in range(len(source))] == list(range(PAIRS))

@@ -23,10 +23,13 @@ def textured(rng: np.random.Generator, size: int, warm: bool) -> np.ndarray:
 
 
 def write_warm_vs_cool(path: str, pairs: int, seed: int, size: int = 40,
-                       models: tuple[tuple[str, str], ...] = (("m0", "m1"),)) -> None:
+                       models: tuple[tuple[str, str], ...] = (("m0", "m1"),),
+                       captions: tuple[str, ...] = ()) -> None:
   """`pairs` rows in the published schema; the warm image wins, on a random side.
 
   Row i's (model_0, model_1) is models[i % len(models)], for tests of data.model_filter.
+  Row i's caption is captions[i % len(captions)] if given (prompts judged many times, as
+  in Pick-a-Pic), else random words.
   """
   rng = np.random.default_rng(seed)
   rows = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0",
@@ -34,7 +37,10 @@ def write_warm_vs_cool(path: str, pairs: int, seed: int, size: int = 40,
   for i in range(pairs):
     warm_first = bool(rng.integers(2))
     images = [textured(rng, size, warm_first), textured(rng, size, not warm_first)]
+    # Drawn even when `captions` replaces it: the images do not depend on `captions`.
     caption = " ".join(rng.choice(WORDS, size=rng.integers(1, 5)))
+    if captions:
+      caption = captions[i % len(captions)]
     for key, value in (("caption", caption), ("jpg_0", jpeg(images[0])),
                        ("jpg_1", jpeg(images[1])), ("label_0", float(warm_first)),
                        ("label_1", float(not warm_first)),

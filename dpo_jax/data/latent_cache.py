@@ -3,18 +3,35 @@
 `python -m dpo_jax.prepare` writes it; `--config.data.cache_dir=DIR` trains from it, with no
 VAE or text encoder in the step and no JPEG decoding on the hosts. A cache folder holds:
 
-  cache.json                          what it holds: model kind, shapes, dtype, the data and
-                                      options it was made from, the encoders' fingerprint
-  empty_prompt.safetensors            the embeddings of "": prompt dropout stays per epoch
-  pairs-00000-of-00002.array_record   one host's share of the pairs, one record per pair
-  pairs-00000-of-00002.json           written once that share is complete: its counts
+  cache.json                             what it holds: model kind, shapes, dtype, the data and
+                                         options it was made from, the encoders' fingerprint
+  empty_prompt.safetensors               the embeddings of "": prompt dropout stays per epoch
+  pairs-00000-of-00002.array_record      one host's share of the pairs, one record per pair
+  captions-00000-of-00002.array_record   that share's caption table: each distinct text
+                                         encoding among its pairs, once
+  pairs-00000-of-00002.json              written once that share is complete: its counts
 
-A record is safetensors bytes (no pickle) of `latent_mean`, `latent_logvar` [2, h, w, C]
-(winner, loser), `context` [T, D], SDXL's `pooled` [P], `original_size` and `crop_top_left`
-[2, 2] int32, and `pair_ids` (the source's pair id, which seeds the pair's noise, so a cached
-pair trains exactly as the same pair read raw). Moments rather than a latent sample are stored:
-every epoch draws its own sample, as encoding anew would. The crop and flip are those of
-epoch 0, fixed for the whole run: that is the price of encoding once.
+A pair record is safetensors bytes (no pickle) of `latent_mean`, `latent_logvar` [2, h, w, C]
+(winner, loser), `original_size` and `crop_top_left` [2, 2] int32, `pair_ids` (the source's
+pair id, which seeds the pair's noise, so a cached pair trains exactly as the same pair read
+raw) and `caption_index`, the position of its caption's entry in its own share's table. An
+entry is safetensors bytes of `context` [T, D] and SDXL's `pooled` [P]. Reading a pair joins
+the two, so training sees the record of format 1 (context and pooled in every pair) again:
+same keys, shapes, dtypes and bits.
+
+Why a table: Pick-a-Pic judges each prompt many times (its paper: over 500,000 examples of
+35,000 distinct prompts in v1), and for SD1.5 at 512 a context is 116 of the 244 KB a pair
+took in format 1. Entries are deduplicated by their bits (a digest of the stored arrays), not
+by the caption text: a pair always reads back exactly what the encoder gave it, and a caption
+encoded twice to the same bits (the same program on the same token ids) is stored once. Each
+host dedupes within its own share and writes its own table, with no coordination between
+hosts: a caption whose pairs fall on k hosts is stored k times. That costs some of the
+saving at many hosts (BENCHMARKS.md has the sizes) but keeps prepare a set of independent
+writers, and a cache's tables never depend on which host finished first.
+
+Moments rather than a latent sample are stored: every epoch draws its own sample, as
+encoding anew would. The crop and flip are those of epoch 0, fixed for the whole run: that is
+the price of encoding once.
 """
 import hashlib
 import json
@@ -28,15 +45,30 @@ from array_record.python import array_record_module
 from dpo_jax.data import transforms
 from dpo_jax.errors import UserError
 
-FORMAT_VERSION = 1
+# 2: captions in a table of their own (1 held them in every pair record).
+FORMAT_VERSION = 2
 METADATA = "cache.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
+# What a pair shares with the other pairs of its caption: stored once, in the caption table.
+CAPTION_KEYS = ("context", "pooled")
+# A pair record's reference to its entry in its own share's caption table.
+CAPTION_INDEX = "caption_index"
 # One record a chunk: training reads pairs in random order, one at a time.
-_WRITER_OPTIONS = "group_size:1,uncompressed"
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
 def shard_path(folder: str, index: int, count: int) -> str:
   return os.path.join(folder, f"pairs-{index:05d}-of-{count:05d}.array_record")
+
+
+def captions_path(folder: str, index: int, count: int) -> str:
+  """The caption table of share `index`: its pairs' `caption_index` count in it."""
+  return os.path.join(folder, f"captions-{index:05d}-of-{count:05d}.array_record")
+
+
+def summary_path(folder: str, index: int, count: int) -> str:
+  """Share `index`'s counts, written last: its presence means the share is complete."""
+  return os.path.join(folder, f"pairs-{index:05d}-of-{count:05d}.json")
 
 
 def encoders_fingerprint(vae_params, text_encoder_params) -> str:
@@ -65,29 +97,69 @@ def _flatten(tree, prefix: str = "") -> dict:
           for path, leaf in _flatten(child, f"{prefix}/{key}").items()}
 
 
+def split_pair(pair: dict[str, np.ndarray]) -> tuple[dict, dict]:
+  """(the pair's own arrays, its caption's: `CAPTION_KEYS`) of one encoded pair."""
+  own = {k: v for k, v in pair.items() if k not in CAPTION_KEYS}
+  return own, {k: v for k, v in pair.items() if k in CAPTION_KEYS}
+
+
+def caption_digest(caption: dict[str, np.ndarray]) -> bytes:
+  """What identifies a caption table entry: its names, dtypes, shapes and bits.
+
+  The encodings themselves, not the caption text: two pairs share an entry only if they
+  would have stored the very same arrays, so the table never changes what a pair reads.
+  """
+  digest = hashlib.sha1()
+  for name in sorted(caption):
+    value = np.ascontiguousarray(caption[name])
+    digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+    digest.update(value.tobytes())
+  return digest.digest()
+
+
+def _record(arrays: dict[str, np.ndarray]) -> bytes:
+  return safetensors.numpy.save({k: np.require(v, requirements="C") for k, v in arrays.items()})
+
+
 class ShardWriter:
-  """Writes one host's share; its .json appears only when `close` completes it."""
+  """Writes one host's share: its pairs and their caption table. The share's .json appears
+  only when `close` completes both.
+
+  `write` takes an encoded pair as training reads it (with `context`, SDXL's `pooled`);
+  the caption arrays go to the table the first time their bits are seen in this share, and
+  the pair record keeps their position there. Only digests stay in memory (20 B a caption).
+  """
 
   def __init__(self, folder: str, index: int, count: int):
     self._path = shard_path(folder, index, count)
+    self._summary_path = summary_path(folder, index, count)
     if os.path.exists(self._summary_path):  # An earlier cache's: this share is not done yet.
       os.remove(self._summary_path)
-    self._writer = array_record_module.ArrayRecordWriter(self._path, _WRITER_OPTIONS)
+    self._writer = array_record_module.ArrayRecordWriter(self._path, WRITER_OPTIONS)
+    self._captions_writer = array_record_module.ArrayRecordWriter(
+        captions_path(folder, index, count), WRITER_OPTIONS)
+    self._entries: dict[bytes, int] = {}  # caption_digest -> position in the table.
     self.pairs = 0
 
   @property
-  def _summary_path(self) -> str:
-    return self._path.replace(".array_record", ".json")
+  def captions(self) -> int:
+    """Entries in this share's caption table so far."""
+    return len(self._entries)
 
   def write(self, pair: dict[str, np.ndarray]) -> None:
-    self._writer.write(safetensors.numpy.save({k: np.require(v, requirements="C")
-                                               for k, v in pair.items()}))
+    own, caption = split_pair(pair)
+    key = caption_digest(caption)
+    if key not in self._entries:
+      self._entries[key] = len(self._entries)
+      self._captions_writer.write(_record(caption))
+    self._writer.write(_record({**own, CAPTION_INDEX: np.int32(self._entries[key])}))
     self.pairs += 1
 
   def close(self, counts: dict[str, int]) -> None:
     self._writer.close()
+    self._captions_writer.close()
     with open(self._summary_path, "w") as f:
-      json.dump({"pairs": self.pairs, "counts": counts}, f)
+      json.dump({"pairs": self.pairs, "captions": self.captions, "counts": counts}, f)
 
 
 def write_metadata(folder: str, metadata: dict, empty_prompt: dict[str, np.ndarray]) -> None:
@@ -97,7 +169,8 @@ def write_metadata(folder: str, metadata: dict, empty_prompt: dict[str, np.ndarr
 
 
 def read_metadata(folder: str) -> dict:
-  """cache.json, plus `shards` (complete shard paths, in order) and their summed `counts`."""
+  """cache.json, plus `shards` (complete shard paths, in order) with their `caption_tables`,
+  per-shard `shard_pairs` and `shard_captions`, and their summed `counts` and `pairs`."""
   path = os.path.join(folder, METADATA)
   if not os.path.isfile(path):
     raise UserError(f"data.cache_dir={folder} holds no {METADATA}; write a cache there first "
@@ -105,29 +178,39 @@ def read_metadata(folder: str) -> dict:
   with open(path) as f:
     metadata = json.load(f)
   if metadata.get("format_version") != FORMAT_VERSION:
-    raise UserError(f"{path} is cache format {metadata.get('format_version')}, this dpo_jax "
-                    f"reads {FORMAT_VERSION}; prepare the cache again")
+    raise UserError(format_error(folder, metadata.get("format_version")))
   count = metadata["num_shards"]
-  shards = [shard_path(folder, i, count) for i in range(count)]
-  incomplete = [os.path.basename(p) for p in shards
-                if not os.path.isfile(p.replace(".array_record", ".json"))]
+  summaries = [summary_path(folder, i, count) for i in range(count)]
+  incomplete = [os.path.basename(shard_path(folder, i, count))
+                for i, summary in enumerate(summaries) if not os.path.isfile(summary)]
   if incomplete:
     raise UserError(f"data.cache_dir={folder} is incomplete ({', '.join(incomplete[:3])} not "
                     "finished); run python -m dpo_jax.prepare again with the same hosts")
-  summaries = []
-  for shard in shards:
-    with open(shard.replace(".array_record", ".json")) as f:
-      summaries.append(json.load(f))
-  counts = {}
+  shares = []
   for summary in summaries:
-    for kind, n in summary["counts"].items():
+    with open(summary) as f:
+      shares.append(json.load(f))
+  counts = {}
+  for share in shares:
+    for kind, n in share["counts"].items():
       counts[kind] = counts.get(kind, 0) + n
-  return {**metadata, "shards": shards, "counts": counts,
-          "pairs": sum(s["pairs"] for s in summaries)}
+  return {**metadata, "shards": [shard_path(folder, i, count) for i in range(count)],
+          "caption_tables": [captions_path(folder, i, count) for i in range(count)],
+          "shard_pairs": [s["pairs"] for s in shares],
+          "shard_captions": [s["captions"] for s in shares],
+          "counts": counts, "pairs": sum(s["pairs"] for s in shares)}
+
+
+def format_error(folder: str, found) -> str:
+  """The one line that refuses a cache written in another format."""
+  return (f"data.cache_dir={folder} is a latent cache of format {found}, this dpo_jax reads "
+          f"format {FORMAT_VERSION} (captions in a table of their own); write it again with "
+          f"python -m dpo_jax.prepare --output {folder} --overwrite")
 
 
 class LatentCacheSource:
-  """A grain `RandomAccessDataSource`: position -> one cached pair's arrays (numpy).
+  """A grain `RandomAccessDataSource`: position -> one cached pair's arrays (numpy), joined
+  with its caption's entry: `context` (and `pooled`) in place of `caption_index`.
 
   Positions run over the shards in order, so the pairs keep the source's order; `pair_ids`
   in each record is the source's id, which keys the pair's randomness.
@@ -139,6 +222,9 @@ class LatentCacheSource:
       raise UserError(f"data.cache_dir={folder} holds no pairs; check the data it was "
                       "prepared from")
     self._records = grain.ArrayRecordDataSource(self.metadata["shards"])
+    self._captions = grain.ArrayRecordDataSource(self.metadata["caption_tables"])
+    self._shard_ends = np.cumsum(self.metadata["shard_pairs"])
+    self._caption_starts = np.cumsum([0] + self.metadata["shard_captions"][:-1])
     # What the source and the transforms left out while the cache was written.
     self.skipped_at_start = {k: n for k, n in self.metadata["counts"].items() if k != "kept"}
     self.skipped_at_start.update(self.metadata.get("skipped_at_start", {}))
@@ -154,7 +240,18 @@ class LatentCacheSource:
     return f"LatentCacheSource(pairs={len(self)}, digest={digest})"
 
   def __getitem__(self, position: int) -> dict[str, np.ndarray]:
-    return safetensors.numpy.load(self._records[position])
+    pair = safetensors.numpy.load(self._records[position])
+    entry = caption_entry(position, int(pair.pop(CAPTION_INDEX)), self._shard_ends,
+                          self._caption_starts)
+    return {**pair, **safetensors.numpy.load(self._captions[entry])}
+
+
+def caption_entry(position: int, caption_index: int, shard_ends: np.ndarray,
+                  caption_starts: np.ndarray) -> int:
+  """The position over all caption tables of the entry that pair `position` refers to: its
+  `caption_index` counts in its own shard's table."""
+  shard = int(np.searchsorted(shard_ends, position, side="right"))
+  return int(caption_starts[shard]) + caption_index
 
 
 class CachedPair(grain.MapTransform):
