@@ -50,6 +50,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.max_train_pairs is not None and config.data.max_train_pairs < 1:
     raise UserError(f"data.max_train_pairs must be >= 1, got {config.data.max_train_pairs}; "
                     "set --config.data.max_train_pairs or leave it unset for all pairs")
+  _check_shuffle_window(config.data.get("shuffle_window_groups"))
   for key in ("noise_offset", "input_perturbation"):
     if not config.diffusion[key] >= 0:
       raise UserError(f"diffusion.{key} must be >= 0, got {config.diffusion[key]}")
@@ -73,6 +74,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 # Losses whose step runs no reference model: SFT, and the reference-free ones.
 _REFERENCE_FREE_LOSSES = ("sft", "mapo")
+
+
+def _check_shuffle_window(window) -> None:
+  # bool is an int to Python, and True would read as a window of one group.
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                             or window < 0):
+    raise UserError(f"data.shuffle_window_groups must be a whole number of row groups >= 0 "
+                    f"(0: shuffle all pairs at once), got {window!r}; set "
+                    "--config.data.shuffle_window_groups")
 
 
 def uses_reference(config: ml_collections.ConfigDict) -> bool:

@@ -65,6 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Pick-a-Pic only: comma-separated substrings; keep a pair only if both images' model names
   # contain one (case-insensitive). The paper's Dreamlike-only subset: 'dreamlike'.
   config.data.model_filter = config_dict.placeholder(str)
+  # Pick-a-Pic parquet only: each epoch shuffles the row groups, then the pairs within
+  # windows of this many consecutive groups, so each group (~100s of MB in the published
+  # shards) is read about once an epoch instead of about once per pair; each process keeps
+  # max(4, this) decoded groups in memory. 0: shuffle all pairs at once (the order of every
+  # other source, and of a run saved before this key existed).
+  config.data.shuffle_window_groups = 4
   config.data.resolution = 512  # Pixels; latents are resolution / 8.
   config.data.context_length = 8  # Text tokens of the synthetic conditioning.
   config.data.random_crop = False  # Official default: centre crop.

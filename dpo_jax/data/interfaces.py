@@ -14,7 +14,9 @@ class PairSource(Protocol):
   `source[i]` is a record (a dict with `pair_ids`, or {'skip': kind, ...} for a pair found
   unusable on read); `skipped_at_start` counts what was left out while indexing, by `skips`
   kind, the same on every host. Sources must pickle (grain workers) and their `repr` must
-  name the data, not where it lives: grain checks a restored position against it.
+  name the data, not where it lives: grain checks a restored position against it. A source
+  read in blocks (Pick-a-Pic's parquet row groups) may also have `group_starts`, the first
+  index of each block (its indices consecutive), for a windowed order (`order.make_order`).
   """
 
   @property

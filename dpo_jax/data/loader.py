@@ -2,15 +2,17 @@
 resumable grain pipeline.
 
 Every host walks the same global sequence of pairs, shuffled anew every epoch from
-(train.seed, epoch) alone (`order`), and takes its contiguous `parallel.host_slice` of each
-global batch of train.batch_pairs: the global batches, and so the run, do not depend on the
-host count, and each host decodes only its own slice. Each pair's crop, flip and prompt
-dropout come from (train.seed, epoch, pair id), so they do not depend on batch size, worker
-or host count either. Batches hold `pixels` [B, 2, R, R, 3] float32 (winner, loser),
-`input_ids_{i}` [B, L_i] int32 (one per tokenizer), `original_size` and `crop_top_left`
-[B, 2, 2] int32, `pair_ids` and `epochs` [B] int32, with B = train.batch_pairs /
-process_count. A pair that cannot be used is counted (`skips`) and the next usable pair of
-its epoch takes its row; `PairBatches` keeps the counts, and saves them with the position.
+(train.seed, epoch) alone (`order`; Pick-a-Pic parquet within windows of
+data.shuffle_window_groups row groups, so each group is read about once an epoch), and
+takes its contiguous `parallel.host_slice` of each global batch of train.batch_pairs: the
+global batches, and so the run, do not depend on the host count, and each host decodes only
+its own slice. Each pair's crop, flip and prompt dropout come from (train.seed, epoch, pair
+id), so they do not depend on batch size, worker or host count either. Batches hold
+`pixels` [B, 2, R, R, 3] float32 (winner, loser), `input_ids_{i}` [B, L_i] int32 (one per
+tokenizer), `original_size` and `crop_top_left` [B, 2, 2] int32, `pair_ids` and `epochs` [B]
+int32, with B = train.batch_pairs / process_count. A pair that cannot be used is counted
+(`skips`) and the next usable pair of its epoch takes its row; `PairBatches` keeps the
+counts, and saves them with the position.
 Unpaired data (data.format='unpaired', for KTO) gives one image per row instead of two
 (`pixels` [B, 1, R, R, 3], ...) and each row's label, `desirable` [B] bool.
 """
@@ -21,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import grain.python as grain
 import numpy as np
 import transformers
+from absl import logging
 
 from dpo_jax import parallel
 from dpo_jax.data import (files, interfaces, jsonl_pairs, latent_cache, order, pickapic, skips,
@@ -35,6 +38,8 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=16, prefetch_buffer_size=128)
 _BATCHES_AHEAD = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 # More pairs than any run reads: a grain dataset has a length.
 _ENDLESS = 2**48
+# Parquet row groups a Pick-a-Pic source keeps decoded, at least (more for a larger window).
+_CACHE_ROW_GROUPS = 4
 
 
 class _AddEpoch:
@@ -70,7 +75,9 @@ def make_source(data_config) -> interfaces.PairSource:
                                       data_dir=data_config.get("tfds_data_dir"),
                                       model_filter=model_filter)
   train_files = files.split_files(data_config.train_files, data_config.get("split", "train"))
-  return pickapic.PickapicSource(train_files, model_filter=model_filter)
+  # The cache must hold a window's groups, or the windowed order reads them again and again.
+  cache = max(_CACHE_ROW_GROUPS, data_config.get("shuffle_window_groups") or 0)
+  return pickapic.PickapicSource(train_files, model_filter=model_filter, cache_row_groups=cache)
 
 
 def _prepare_pair(config, empty_prompt_prob: float) -> transforms.PreparePair:
@@ -88,9 +95,8 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
 
   Args:
     config: reads data.{format, train_files, split, cache_dir, model_filter, max_train_pairs,
-      resolution, random_crop, random_flip, shared_flip, empty_prompt_prob, workers,
-      max_bad_fraction}
-      and train.{batch_pairs, seed}.
+      shuffle_window_groups, resolution, random_crop, random_flip, shared_flip,
+      empty_prompt_prob, workers, max_bad_fraction} and train.{batch_pairs, seed}.
     tokenizers: the pipeline's tokenizers in model_index order (SDXL: two).
     process_index: this host, `jax.process_index()`.
     process_count: the number of hosts, `jax.process_count()`.
@@ -122,13 +128,27 @@ def make_train_iterator(config, tokenizers: Sequence[transformers.CLIPTokenizer]
     raise UserError(f"train.batch_pairs={config.train.batch_pairs} does not split evenly over "
                     f"{process_count} hosts; set --config.train.batch_pairs to a multiple of "
                     f"{process_count}")
-  pairs = functools.partial(_HostPairs, source, order.GlobalOrder(len(source), config.train.seed),
-                            prepare, finish, batch_pairs=config.train.batch_pairs, host=share)
+  global_order = order.make_order(len(source), config.train.seed,
+                                  getattr(source, "group_starts", None),
+                                  config.data.get("shuffle_window_groups"))
+  pairs = functools.partial(_HostPairs, source, global_order, prepare, finish,
+                            batch_pairs=config.train.batch_pairs, host=share)
   batches = functools.partial(_host_batches, pairs, per_host=per_host,
                               workers=config.data.workers)
   return PairBatches(batches, batch_pairs=config.train.batch_pairs,
-                     data_order=f"{source!r}, seed={config.train.seed}",
+                     data_order=_data_order(source, config.train.seed, global_order),
                      skipped_at_start=source.skipped_at_start)
+
+
+def _data_order(source, seed: int, global_order) -> str:
+  """What fixes the order, as a checkpoint records it. The full shuffle's is worded as before
+  windows existed, so the runs saved then resume."""
+  described = f"{source!r}, seed={seed}"
+  if isinstance(global_order, order.WindowedOrder):
+    logging.info("Data order: windows of %d of the %d row groups, shuffled within each",
+                 global_order.window_groups, global_order.num_groups)
+    described += f", shuffle_window_groups={global_order.window_groups}"
+  return described
 
 
 class _HostPairs:
@@ -136,12 +156,13 @@ class _HostPairs:
   row (`order.host_position`, from global position `first` on).
 
   A pair that cannot be used (`skips`) is counted at its position, and the next usable pair
-  of its epoch (`GlobalOrder.stand_ins`) takes its row: every position gives one row
+  of its epoch (`order.stand_ins`) takes its row: every position gives one row
   whatever the host count, and a host reads no other host's pairs unless one of its own is
   unusable. Each row carries `skipped_{kind}`: 1 where its own pair was skipped for `kind`.
   """
 
-  def __init__(self, source: interfaces.PairSource, global_order: order.GlobalOrder,
+  def __init__(self, source: interfaces.PairSource,
+               global_order: order.GlobalOrder | order.WindowedOrder,
                prepare: grain.MapTransform, finish: Sequence[grain.MapTransform], first: int,
                *, batch_pairs: int, host: slice):
     self._source, self._order, self._prepare, self._finish = source, global_order, prepare, finish
@@ -273,7 +294,9 @@ class PairBatches:
     """Moves to `state`'s position: the next batch is the one that followed it."""
     if state.get("order") != self._data_order or not isinstance(state.get("position"), int):
       raise UserError("the checkpoint's data position belongs to another data order (other "
-                      "data.train_files, data.max_train_pairs or train.seed); resume with the "
-                      "settings it was saved with, or start a new --workdir")
+                      "data.train_files, data.max_train_pairs, data.shuffle_window_groups or "
+                      "train.seed); resume with the settings it was saved with (a run saved "
+                      "before windowed shuffles: data.shuffle_window_groups=0), or start a "
+                      "new --workdir")
     self._position, self._batches = state["position"], None
     self.counts = skips.add(skips.zero_counts(), state["counts"])

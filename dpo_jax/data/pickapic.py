@@ -4,12 +4,13 @@ Rows are addressed by a global index over the files in order. At start-up only t
 columns are read, to index the decisive rows (the official code drops ties, label_0 = 0.5);
 image bytes are read on demand, one row group at a time, through a small per-process LRU.
 
-Cost: a row group is the smallest unit pyarrow reads, and a shuffled epoch touches a different
-one for nearly every pair, so each pair costs a whole group's bytes (the cache only helps
-in-order reads). Shards written by Hugging Face `datasets` hold ~100 MB (or 1000 rows) per
-group: fine for a small run, too much I/O per pair for Pick-a-Pic v2 at scale. There, encode
-once with `python -m dpo_jax.prepare`, which reads in order, each row group once, and train
-from the latent cache (or rewrite the shards with a few rows per row group).
+Cost: a row group is the smallest unit pyarrow reads (shards written by Hugging Face
+`datasets` hold ~100 MB, or 1000 rows, per group). A fully shuffled epoch touches a different
+group for nearly every pair, so each pair would cost a whole group's bytes. Training reads
+parquet in a windowed order instead (`order.WindowedOrder`, data.shuffle_window_groups):
+pairs come from a few groups at a time, which the cache holds, so each group is read about
+once per epoch per process (`row_group_reads` counts them). `python -m dpo_jax.prepare` reads in
+order, each group once, and the latent cache it writes needs no JPEG decoding at all.
 """
 import collections
 import concurrent.futures
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from dpo_jax.data import files as files_lib
+from dpo_jax.data import order
 from dpo_jax.errors import UserError
 
 LABEL_COLUMNS = ("label_0", "label_1")
@@ -122,9 +124,11 @@ def read_captions(files: str | Sequence[str]) -> list[str]:
 class PickapicSource:
   """A grain `RandomAccessDataSource`: pair id -> {caption, winner, loser (JPEG bytes), pair_ids}.
 
-  Pair ids number the decisive rows in file order, so they are the same on every host.
-  Thread-safe (grain reads with a thread pool) and picklable (grain workers): handles and the
-  cache are per process.
+  Pair ids number the decisive rows in file order, so they are the same on every host, and a
+  row group's pairs have consecutive ids (`group_starts`: the first of each group holding
+  any). The `cache_row_groups` groups read last are kept, per process: a windowed order
+  needs at least its window's (loader.make_source sizes it). Thread-safe (grain reads with a
+  thread pool) and picklable (grain workers): handles and the cache are per process.
   """
 
   def __init__(self, train_files: str | Sequence[str], cache_row_groups: int = 4,
@@ -145,6 +149,9 @@ class PickapicSource:
                                     for p, m in zip(self._paths, self._metadata)))
     self._rows = np.concatenate([r + s for r, s in zip(rows, file_starts)]).astype(np.int64)
     self._winners = np.concatenate(winners)
+    # Kept rows are in file order, so each row group's pairs have consecutive ids.
+    self.group_starts = order.run_starts(
+        np.searchsorted(self._group_starts, self._rows, side="right") - 1)
     self.num_rows = int(file_starts[-1])
     # Ties, unlabeled rows, bad labels and those data.model_filter leaves out.
     self.num_dropped = self.num_rows - len(self._rows)
@@ -166,13 +173,14 @@ class PickapicSource:
     return self.num_rows
 
   def _init_cache(self):
+    self.row_group_reads = 0  # Groups read from their files by this process (benchmarks, tests).
     self._cache = collections.OrderedDict()
     self._loading = {}  # Row group -> the Future of the one read in flight.
     self._lock = threading.Lock()
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    del state["_cache"], state["_loading"], state["_lock"]
+    del state["_cache"], state["_loading"], state["_lock"], state["row_group_reads"]
     return state
 
   def __setstate__(self, state):
@@ -217,6 +225,7 @@ class PickapicSource:
       pending.set_exception(error)
       raise
     with self._lock:
+      self.row_group_reads += 1
       self._cache[group] = table
       while len(self._cache) > self._cache_size:
         self._cache.popitem(last=False)

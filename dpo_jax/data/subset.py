@@ -1,6 +1,8 @@
 """`data.max_train_pairs`: train on a seeded random subset of a source's pairs."""
 import numpy as np
 
+from dpo_jax.data import order
+
 
 class RandomSubset:
   """A grain `RandomAccessDataSource` over `size` pairs of `source`, drawn without
@@ -13,6 +15,10 @@ class RandomSubset:
     chosen = np.random.default_rng(seed).permutation(len(source))[:self._size]
     self._positions = np.sort(chosen)
     self.skipped_at_start = dict(source.skipped_at_start)
+    # The subset keeps the source's order, so its pairs of one row group stay consecutive.
+    starts = getattr(source, "group_starts", None)
+    self.group_starts = (None if starts is None else order.run_starts(
+        np.searchsorted(starts, self._positions, side="right") - 1))
 
   def __len__(self) -> int:
     return self._size
