@@ -66,16 +66,32 @@ def running_median(values, window: int = _SMOOTHING) -> np.ndarray:
                    for i in range(len(values))])
 
 
-def plot_curves(curves: dict, path: str) -> None:
+# The loss at step 1, where the policy is the reference, for the losses whose start is a
+# constant: DPO's −log σ(0) and the hinge's max(0, 1 − 0). (IPO's, MaPO's and SFT's depend
+# on β or the data; KTO's on its λs.)
+_START_LOSS = {"dpo": math.log(2), "hinge": 1.0}
+_LOSS_NAMES = {"dpo": "DPO", "sft": "SFT", "hinge": "hinge", "ipo": "IPO", "mapo": "MaPO",
+               "kto": "KTO"}
+
+
+def curve_titles(loss_name: str) -> dict[str, tuple[str, float | None]]:
+  """{curve: (title, its value at step 1 or None)} for a run of `dpo.loss` = loss_name."""
+  start = _START_LOSS.get(loss_name)
+  loss_title = f"{_LOSS_NAMES.get(loss_name, loss_name)} loss"
+  if start is not None:
+    loss_title += f" ({'ln 2' if loss_name == 'dpo' else f'{start:g}'} at the start)"
+  return {"loss": (loss_title, start), "implicit_acc": ("implicit reward accuracy", 0.5),
+          "reward_margin": ("implicit reward margin", 0.0)}
+
+
+def plot_curves(curves: dict, path: str, loss_name: str = "dpo") -> None:
   import matplotlib
   matplotlib.use("Agg")  # No display needed.
   import matplotlib.pyplot as plt
-  titles = {"loss": "DPO loss (ln 2 at the start)", "implicit_acc": "implicit reward accuracy",
-            "reward_margin": "implicit reward margin"}
-  starts = {"loss": math.log(2), "implicit_acc": 0.5, "reward_margin": 0.0}
   figure, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-  for axis, (key, title) in zip(axes, titles.items()):
-    axis.axhline(starts[key], color="grey", linewidth=0.8, linestyle="--")
+  for axis, (key, (title, start)) in zip(axes, curve_titles(loss_name).items()):
+    if start is not None:
+      axis.axhline(start, color="grey", linewidth=0.8, linestyle="--")
     if curves[key]:
       steps, values = zip(*curves[key])
       # Each logged value is one step's batch: noisy. The bold line is a running median.
@@ -128,7 +144,7 @@ def write_report(config, pipe, policy_params, reference_params, workdir: str, *,
     f.write(markdown.replace("(grid.png)", f"({BEFORE_AFTER})"))
   Image.fromarray(before_after_grid(reference, tuned)).save(os.path.join(workdir, BEFORE_AFTER))
   plot_curves(read_curves(os.path.join(workdir, "metrics.jsonl")),
-              os.path.join(workdir, CURVES))
+              os.path.join(workdir, CURVES), loss_name=config.dpo.loss)
   return report
 
 

@@ -98,6 +98,19 @@ def test_plot_curves_writes_a_png(tmp_path):
     assert image.format == "PNG"
 
 
+def test_curve_titles_name_the_runs_loss_and_its_start_only_where_it_is_constant(tmp_path):
+  titles = report.curve_titles("dpo")
+  assert titles["loss"] == ("DPO loss (ln 2 at the start)", pytest.approx(0.6931472))
+  assert report.curve_titles("hinge")["loss"] == ("hinge loss (1 at the start)", 1.0)
+  for name, shown in (("mapo", "MaPO"), ("kto", "KTO"), ("ipo", "IPO"), ("sft", "SFT")):
+    assert report.curve_titles(name)["loss"] == (f"{shown} loss", None)
+    assert report.curve_titles(name)["implicit_acc"] == titles["implicit_acc"]
+  path = str(tmp_path / "mapo.png")  # A loss with no start line still plots.
+  report.plot_curves({"loss": [(1, 2.0), (2, 1.5)], "implicit_acc": [], "reward_margin": []},
+                     path, loss_name="mapo")
+  assert Image.open(path).size[0] > 0
+
+
 def test_summary_lines(tmp_path):
   """Three lines: the win rate and its interval to 3 decimals over the images, the held-out
   accuracy (n/a without eval.pairs), and where the pictures and numbers are."""
