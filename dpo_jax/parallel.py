@@ -168,8 +168,15 @@ def gather_from_hosts(value) -> list:
 
 def _multi_process_launch(environ: Mapping[str, str]) -> bool:
   """Whether a launcher started several processes of this program (SLURM, MPI, TPU pod)."""
-  counts = (environ.get("SLURM_NTASKS"), environ.get("OMPI_COMM_WORLD_SIZE"))
-  if any(count and int(count) > 1 for count in counts):
+  slurm_tasks = int(environ.get("SLURM_NTASKS") or 1)
+  if slurm_tasks > 1 and "SLURM_PROCID" not in environ:
+    # An allocation's shell (salloc, or an sbatch script's own lines) holds SLURM_NTASKS
+    # too, but only srun starts the tasks, each with its SLURM_PROCID.
+    raise UserError(f"this SLURM allocation has {slurm_tasks} tasks but this process was "
+                    "not started by srun (no SLURM_PROCID): run `srun python -m "
+                    "dpo_jax.main ...` (launch/slurm_gpu.sbatch), or pass "
+                    "--config.distributed.multi_process=False to train in this one process")
+  if slurm_tasks > 1 or int(environ.get("OMPI_COMM_WORLD_SIZE") or 1) > 1:
     return True
   return "," in environ.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_NUM_SLICES" in environ
 

@@ -178,7 +178,7 @@ def _config(**distributed):
     (ml_collections.ConfigDict(), {}, None),
     (_config(), {"SLURM_NTASKS": "1"}, None),
     (_config(multi_process=False), {"SLURM_NTASKS": "4"}, None),
-    (_config(), {"SLURM_NTASKS": "4"}, (None, None, None)),
+    (_config(), {"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, (None, None, None)),
     (_config(), {"OMPI_COMM_WORLD_SIZE": "2"}, (None, None, None)),
     (_config(), {"TPU_WORKER_HOSTNAMES": "w0,w1"}, (None, None, None)),
     (_config(multi_process=True), {}, (None, None, None)),
@@ -192,6 +192,15 @@ def test_initialize_distributed_only_for_multi_process_launches(
                       lambda **kwargs: calls.append(tuple(kwargs.values())))
   parallel.initialize_distributed(config, environ)
   assert calls == ([] if expected is None else [expected])
+
+
+def test_a_slurm_allocation_without_srun_is_one_line_with_the_fix(monkeypatch):
+  """`salloc -n 4` then `python -m dpo_jax.main`: SLURM_NTASKS=4 but no task of srun's."""
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: pytest.fail("called"))
+  with pytest.raises(UserError) as error:
+    parallel.initialize_distributed(_config(), {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"})
+  assert "not started by srun" in str(error.value) and "\n" not in str(error.value)
+  parallel.initialize_distributed(_config(multi_process=False), {"SLURM_NTASKS": "4"})
 
 
 _WORKER = textwrap.dedent("""
