@@ -41,6 +41,11 @@ class Notice:
   def _on_sigterm(self, *_) -> None:
     self._received = True
 
+  @property
+  def received_here(self) -> bool:
+    """Whether this process's own handler caught a SIGTERM (single-process runs)."""
+    return self._received
+
   def reached(self, step: int) -> bool:
     """Call it after every step, on every host (the sync manager's contract)."""
     if not jax.distributed.is_initialized():

@@ -401,8 +401,11 @@ def _run_steps(run: _Run, start: int, state) -> tuple[Any, bool]:
     for step in range(start + 1, run.config.train.steps + 1):
       # Memory runs out, if it does, in the first step.
       guard = _out_of_memory_as_user_error() if step == start + 1 else contextlib.nullcontext()
-      with guard:
-        state, preempted = _step(run, step, state, profiler, notice)
+      try:
+        with guard:
+          state, preempted = _step(run, step, state, profiler, notice)
+      except _DataEndedBySigterm:
+        return _stop_before(run, step, state), True
       if preempted:
         run.checkpointer.wait()  # On disk before the line says so and the process exits.
         run.log.print(f"preempted (SIGTERM): stopped after step {step}. "
@@ -412,11 +415,40 @@ def _run_steps(run: _Run, start: int, state) -> tuple[Any, bool]:
   return state, False
 
 
+class _DataEndedBySigterm(Exception):
+  """The SIGTERM that stops the run also ended the data workers before this step's batch."""
+
+
+def _next_batch(run: _Run, notice: preemption.Notice):
+  """The step's input. Schedulers send SIGTERM to every process of a job, and grain's worker
+  processes (data.workers) die of it: their batches then fail with a RuntimeError, which
+  after a SIGTERM this process caught means 'stop here', not a crash."""
+  try:
+    return next(run.batches)
+  except RuntimeError:
+    if notice.received_here:
+      raise _DataEndedBySigterm() from None
+    raise
+
+
+def _stop_before(run: _Run, step: int, state):
+  """Saves the last step trained (step - 1), unless saved already or within a non-finite
+  streak, and says where the same command resumes."""
+  done = step - 1
+  if done and run.checkpointer.latest_step() != done:
+    _save(run, done, state, int(jax.device_get(state.nonfinite_streak)), force=True)
+  run.checkpointer.wait()
+  where = _resume_point(run, done) if done else "Nothing was trained: the same command starts over"
+  run.log.print(f"preempted (SIGTERM, which also ended the data workers): stopped after step "
+                f"{done}. {where}")
+  return state
+
+
 def _step(run: _Run, step: int, state, profiler: "_Profiler", notice: preemption.Notice):
   """One step and what follows it: log, save, validate. Returns the state and whether a
   preemption notice ends the run after this step."""
   profiler.before(step)
-  state, metrics = run.step_fn(state, next(run.batches))
+  state, metrics = run.step_fn(state, _next_batch(run, notice))
   profiler.after(step, state)
   logged = _is_log_step(run.config, step)
   too_bad = _log(run, step, metrics) if logged else None

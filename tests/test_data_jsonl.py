@@ -248,3 +248,29 @@ def test_unpaired_data_is_refused_for_pair_losses_and_the_latent_cache():
   config.dpo.reference_errors = "errors"
   with pytest.raises(UserError, match="leave dpo.reference at 'live'"):
     config_checks.check_config(config)
+
+
+
+def test_a_data_worker_ended_by_sigterm_fails_the_next_batch_at_once(pairs_file, tokenizers):
+  """What training relies on when a scheduler's SIGTERM reaches every process of a job: a
+  data worker (data.workers) dies of it, and the next batch raises a RuntimeError at once,
+  rather than waiting forever (`train._next_batch` then saves the last step trained)."""
+  import multiprocessing
+  import os
+  import signal
+  import time
+
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read flags, as under absl's app.run.
+  iterator = _iterator(_config(pairs_file, workers=1), tokenizers)
+  next(iterator)
+  workers = multiprocessing.active_children()
+  assert workers
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGTERM)
+  time.sleep(1)
+  started = time.monotonic()
+  with pytest.raises(RuntimeError, match="terminated unexpectedly"):
+    for _ in range(4):
+      next(iterator)
+  assert time.monotonic() - started < 30

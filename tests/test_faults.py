@@ -135,6 +135,23 @@ def test_sigterm_saves_at_a_step_boundary_and_the_same_command_resumes(tmp_path,
   _assert_same(resumed.params, unbroken.params)
   _assert_same(resumed.opt_state, unbroken.opt_state)
 
+  # The scheduler's SIGTERM reaches the data workers too (data.workers > 0), and grain then
+  # fails the next batch (tests/test_data_jsonl.py): step 2, the last one trained, is saved,
+  # and the same command resumes to the unbroken run's params.
+  def pairs_without_workers(pair_ids, **options):
+    if pair_ids[0] == 2 * 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+      raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+    return real_pairs(pair_ids, **options)
+  monkeypatch.setattr(synthetic, "synthetic_pairs", pairs_without_workers)
+  train.train(config, str(tmp_path / "workers"), one_device)
+  assert ("preempted (SIGTERM, which also ended the data workers): stopped after step 2. "
+          "Step 2 is saved: the same command resumes from it") in capsys.readouterr().out
+  assert checkpoint.Checkpointer(str(tmp_path / "workers"), every=1).all_steps() == [2]
+  monkeypatch.setattr(synthetic, "synthetic_pairs", real_pairs)
+  resumed = train.train(config, str(tmp_path / "workers"), one_device)
+  _assert_same(resumed.params, unbroken.params)
+
 
 @flax.struct.dataclass
 class _StateBeforeTheCounts:

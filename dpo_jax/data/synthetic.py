@@ -39,8 +39,9 @@ class SyntheticIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     pair_ids = np.arange(self._next_pair, self._next_pair + self._batch_pairs)
-    self._next_pair += self._batch_pairs
-    return synthetic_pairs(pair_ids[self._host_slice], **self._options)
+    batch = synthetic_pairs(pair_ids[self._host_slice], **self._options)
+    self._next_pair += self._batch_pairs  # Only once made: a failed read is read again.
+    return batch
 
   @property
   def skipped_at_start(self) -> dict[str, int]:
