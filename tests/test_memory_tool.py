@@ -67,6 +67,8 @@ def test_one_device_holds_the_whole_state_and_its_pairs(reports):
   json.loads(json.dumps(result))  # The command's last line.
   assert len(memory.summary(result).splitlines()) == 3
   assert (result["devices"], result["mesh_fsdp"], result["batch_pairs"]) == (1, 1, 1)
+  # Unset, the attention is XLA's, as accelerators run it (not the CPU's own default).
+  assert result["attention"] == "xla"
   params = sum(math.prod(shape) for shape in _param_shapes())
   assert result["params"] == params
   # Arguments: the train state and one pair, to within the step counters.
@@ -122,7 +124,7 @@ def test_unet_shape_from_a_release_id_a_folder_or_the_config(tmp_path):
 def test_refusals_are_one_line():
   config = _config(False, 1)
   config.model.attention_implementation = "cudnn"
-  with pytest.raises(UserError, match="leave it unset"):
+  with pytest.raises(UserError, match="pass .blocked. for a fused .flash. kernel.s memory"):
     memory.measure(config, devices=jax.devices()[:1])
   with pytest.raises(UserError, match="pairs_per_device"):
     memory.measure(_config(False, 1), pairs_per_device=0)

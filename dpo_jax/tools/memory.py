@@ -10,8 +10,9 @@ with their shardings: no weights are allocated and no data are read, so one CPU 
 plans a 64-device SDXL layout. `train.batch_pairs` becomes devices × `--pairs_per_device` ×
 `train.grad_accum`; every other key (`model.remat`, `model.reference_dtype`,
 `model.compute_dtype`, `mesh.fsdp`, `dpo.reference_pass`, ...) is the config's, but an
-unset `model.attention_implementation` compiles XLA's attention, as accelerators run it
-(the CPU's own default, `blocked`, holds no attention probabilities). The UNet is
+unset `model.attention_implementation` compiles XLA's attention, as accelerators run it by
+default; `blocked` (ours, which keeps no attention probabilities) stands in for a fused flash
+kernel such as cuDNN's, which a CPU cannot compile. The UNet is
 `--unet`'s release shape, else the one `model.pretrained` names (a release's hub id, or a
 local pipeline folder's unet/config.json), else `model.unet`.
 
@@ -107,8 +108,9 @@ def measure(config: ml_collections.ConfigDict, *, preset: str | None = None, dev
     raise UserError(f"--pairs_per_device={pairs_per_device} must be >= 1")
   if config.model.attention_implementation == "cudnn":
     raise UserError("model.attention_implementation='cudnn' compiles for NVIDIA GPUs only and "
-                    "this tool compiles for CPU devices; leave it unset (XLA's attention, which "
-                    "holds the attention matrices that cuDNN's fused kernel does not)")
+                    "this tool compiles for CPU devices; pass 'blocked' for a fused (flash) "
+                    "kernel's memory (it keeps no attention probabilities either), or leave it "
+                    "unset for XLA's attention, which keeps them")
   config = ml_collections.ConfigDict(config.to_dict())  # A copy: batches arrive encoded,
   config.data.cache_dir = "(abstract latent-cache batches)"  # as from a latent cache,
   # Unset means ours on a CPU, XLA's on the accelerators this tool plans for: compile XLA's.
@@ -143,6 +145,7 @@ def measure(config: ml_collections.ConfigDict, *, preset: str | None = None, dev
       "compute_dtype": config.model.compute_dtype,
       "reference_dtype": config.model.reference_dtype,
       "reference_pass": config.dpo.reference_pass, "reference": config.dpo.reference,
+      "attention": config.model.attention_implementation,
       **{f"{kind}_bytes": memory.get(kind) for kind in
          ("argument", "output", "temp", "alias", "generated_code")},
       "total_bytes": memory.get("peak"),
