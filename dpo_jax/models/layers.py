@@ -21,10 +21,10 @@ class GroupNorm(nn.Module):
   with nn.GroupNorm's params (`scale`, `bias` [C]) and output dtype (`dtype`).
 
   The statistics sum over the spatial axes first, to [B, C], and only then over each
-  group's channels: XLA:CPU ran that 2-4x faster, forward and backward, than nn.GroupNorm's
-  reduction over a [B, HW, G, C/G] view at a UNet's shapes (BENCHMARKS.md). The variance is
-  the mean square of the centred values, as torch computes it: E[x²] − E[x]² loses digits
-  on large activations.
+  group's channels: XLA:CPU ran that 1.3-3x faster forward+backward than nn.GroupNorm's
+  reduction over a [B, HW, G, C/G] view at a UNet's shapes, and up to 4x forward, the most
+  on the largest maps (benchmarks/group_norm.py). The variance is the mean square of the
+  centred values, as torch computes it: E[x²] − E[x]² loses digits on large activations.
   """
   groups: int
   epsilon: float = 1e-5
