@@ -534,11 +534,25 @@ def _is_eval_step(config: ml_collections.ConfigDict, step: int) -> bool:
   return bool(every) and (step % every == 0 or step == config.train.steps)
 
 
-def _validate(run: _Run, step: int, state) -> None:
-  """Every host gathers the params to the host (a collective); process 0 validates."""
+def host_unets(config: ml_collections.ConfigDict, state, pretrained_params):
+  """(policy, reference) UNet params on every host, for validation and the report: the
+  policy is the trained params, or for LoRA the base with the adapters merged in; the
+  reference is the state's, or, where the state holds none (MaPO, precomputed reference
+  errors), `pretrained_params`, the UNet training started from. Every host must call it:
+  the gather is a collective."""
   from jax.experimental import multihost_utils
   params, reference = multihost_utils.process_allgather(
       (state.params, state.reference_params), tiled=True)
+  merge = policy_params_function(config)
+  if merge is not None:  # LoRA: the state's reference is the base the adapters apply to.
+    params = jax.device_get(merge(params, reference))
+  return params, pretrained_params if reference is None else reference
+
+
+def _validate(run: _Run, step: int, state) -> None:
+  """Every host gathers the params to the host (a collective); process 0 validates."""
+  pretrained = run.validator.pretrained_params if run.validator is not None else None
+  params, reference = host_unets(run.config, state, pretrained)
   if run.validator is not None:
     metrics, grid = run.validator.run(step, params, reference)
     run.log.write_eval(step, metrics, grid)
@@ -547,9 +561,7 @@ def _validate(run: _Run, step: int, state) -> None:
 def _final_report(run: _Run, state, pipe, workdir: str) -> None:
   """`report.write_report` on process 0 from host copies of the params (every host joins
   the gather); the console's last lines say where to look."""
-  from jax.experimental import multihost_utils
-  params, reference = multihost_utils.process_allgather(
-      (state.params, state.reference_params), tiled=True)
+  params, reference = host_unets(run.config, state, pipe.unet_params)
   if jax.process_index() == 0:
     from dpo_jax import report as report_lib
     run.log.print("writing the report: sampling the pretrained and the tuned model")

@@ -54,6 +54,7 @@ class Validation:
     from dpo_jax.data import prompts as prompts_lib
 
     self._folder = os.path.join(workdir, "eval")
+    self.pretrained_params = pipe.unet_params  # The UNet training started from.
     options = config.eval
     self._held_out = None
     if options.pairs:

@@ -16,7 +16,14 @@ from test_scorers import make_scorer_folder
 
 
 @pytest.mark.slow
-def test_validation_every_n_steps_writes_metrics_and_grids(tmp_path):
+@pytest.mark.parametrize("mode", [
+    {},
+    # LoRA trains adapters: validation must see the base with them merged in.
+    {"lora.enabled": True},
+    # MaPO holds no reference: validation compares with the pretrained UNet.
+    {"dpo.loss": "mapo"},
+], ids=["dpo", "lora", "mapo"])
+def test_validation_every_n_steps_writes_metrics_and_grids(tmp_path, mode):
   tiny_models.make_pipeline("sd").save_pretrained(tmp_path / "pipeline")
   tiny_data.write_warm_vs_cool(str(tmp_path / "train.parquet"), pairs=8, seed=0)
   tiny_data.write_warm_vs_cool(str(tmp_path / "heldout.parquet"), pairs=3, seed=1)
@@ -27,6 +34,9 @@ def test_validation_every_n_steps_writes_metrics_and_grids(tmp_path):
   config.data.train_files = str(tmp_path / "train.parquet")
   config.train.steps = 2
   config.optim.peak_lr = 0.0  # The policy stays the reference: every comparison a tie.
+  for key, value in mode.items():
+    section, name = key.split(".")
+    config[section][name] = value
   config.eval.update(every=1, pairs=str(tmp_path / "heldout.parquet"), draws=2,
                      prompts=str(tmp_path / "prompts.txt"), sample_steps=2,
                      scorers=f"clip={scorer}")
