@@ -3,25 +3,14 @@ channels) on XLA:CPU, forward and forward+backward: why the UNet and VAE use our
 
   python benchmarks/group_norm.py
 """
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from pointwise_conv import best_ms  # benchmarks/, on the path of a script run from it.
 
 from dpo_jax.models.layers import GroupNorm
 
 SHAPES = ((4, 32, 32, 64), (4, 16, 16, 128), (4, 8, 8, 256))
-
-
-def best_ms(function, *args, repeats: int = 20) -> float:
-  jax.block_until_ready(function(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(function(*args))
-    best = min(best, time.perf_counter() - start)
-  return 1e3 * best
 
 
 def main() -> None:

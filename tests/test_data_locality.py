@@ -13,6 +13,7 @@ import pytest
 
 import tiny_data
 import tiny_models
+from test_multihost import _assert_same, _global_batches  # One global batch = the hosts' slices.
 from dpo_jax import config_checks, default_config, parallel
 from dpo_jax.data import loader, order, subset
 from dpo_jax.errors import UserError
@@ -187,21 +188,6 @@ def _iterators(config, hosts: int) -> list:
   tokenizers = _tokenizers()
   return [loader.make_train_iterator(config, tokenizers, process_index=host,
                                      process_count=hosts) for host in range(hosts)]
-
-
-def _global_batches(iterators: list, count: int) -> list[dict]:
-  batches = []
-  for _ in range(count):
-    slices = [next(iterator) for iterator in iterators]
-    batches.append({name: np.concatenate([s[name] for s in slices]) for name in slices[0]})
-  return batches
-
-
-def _assert_same(expected: list[dict], actual: list[dict], what: str) -> None:
-  assert len(expected) == len(actual)
-  for k, (want, got) in enumerate(zip(expected, actual)):
-    for name in want:
-      np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}, batch {k}: {name}")
 
 
 def test_training_batches_follow_the_windows_on_any_host_count_and_resume(shards):

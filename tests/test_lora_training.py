@@ -14,9 +14,7 @@ import tiny_models
 from dpo_jax import export, lora, runs, train
 from dpo_jax.models import unet as unet_lib
 
-SMALL_UNET = dict(tiny_models.SD15_UNET, layers_per_block=1, block_out_channels=(32, 64),
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+SMALL_UNET = tiny_models.SMALL_SD15_UNET
 
 
 def _config():

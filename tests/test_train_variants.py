@@ -19,9 +19,7 @@ IMAGE_SIZE = 40  # Larger than the resolution (32): the actual original size is 
 # train step, and these compile in about half the time. SDXL keeps its text_time added
 # conditioning and a transformer depth per block.
 SMALL_UNETS = {
-    "sd": dict(tiny_models.SD15_UNET, layers_per_block=1, block_out_channels=(32, 64),
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "sd": tiny_models.SMALL_SD15_UNET,
     "sdxl": dict(tiny_models.SDXL_UNET, layers_per_block=1, block_out_channels=(32, 64),
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
