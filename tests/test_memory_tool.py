@@ -2,6 +2,8 @@
 shapes alone, on 1 and 8 devices, with and without remat."""
 import json
 import math
+import sys
+import types
 
 import jax
 import pytest
@@ -102,6 +104,53 @@ def test_remat_trades_flops_for_temporaries(reports):
   # Measured on this UNet: 2.9 MB of temporaries against 4.0 MB, 17% more FLOPs.
   assert remat["temp_bytes"] < 0.9 * plain["temp_bytes"]
   assert remat["flops_per_step"] > 1.05 * plain["flops_per_step"]
+
+
+@pytest.fixture(scope="module")
+def tpu_reports():
+  """The tool's result compiled by libtpu for TPU v5p (no TPU here): one chip, and a 2x2x2
+  slice with FSDP over its 8 chips."""
+  return {"1": memory.measure(_config(remat=False, fsdp=1),
+                              devices=memory.tpu_devices("v5p:1x1x1")),
+          "8 fsdp": memory.measure(_config(remat=False, fsdp=8),
+                                   devices=memory.tpu_devices("v5p:2x2x2"))}
+
+
+def test_tpu_slices_compile_without_a_tpu(tpu_reports, reports):
+  one, eight = tpu_reports["1"], tpu_reports["8 fsdp"]
+  assert (one["platform"], one["devices"], eight["devices"]) == ("tpu", 1, 8)
+  assert one["device_kind"].startswith("TPU v5") and eight["mesh_fsdp"] == 8
+  assert one["device_memory_bytes"] == 95 * 2**30 and one["fits"] and eight["fits"]
+  assert "of 95 GiB per chip: fits" in memory.summary(one)
+  # The state's bytes on a TPU: the shapes' bytes, or more where its tiled layouts pad the
+  # small arrays; FSDP over 8 chips divides them (4.8x on this UNet, whose small padded
+  # arrays stay whole).
+  assert one["argument_bytes"] >= reports["1"]["argument_bytes"]
+  assert one["argument_bytes"] / eight["argument_bytes"] > 3
+  assert eight["flops_per_step"] == 8 * eight["flops_per_device"] > 0
+
+
+def test_tpu_refusals_are_one_line(monkeypatch):
+  with pytest.raises(UserError, match="e.g. v5p:2x2x1"):
+    memory.tpu_devices("v5p-8")
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # As if not installed.
+  with pytest.raises(UserError, match=r"pip install -e '.\[tpu\]'"):
+    memory.tpu_devices("v5p:2x2x1")
+
+
+def test_fit_is_judged_against_the_chips_memory():
+  chip = lambda kind: types.SimpleNamespace(platform="tpu", device_kind=kind)
+  assert memory.device_memory_gib(chip("TPU v5 lite")) == 16  # v5e, not v5p's 95.
+  assert memory.device_memory_gib(chip("TPU v5")) == 95
+  assert memory.device_memory_gib(chip("TPU v6 lite")) == 32
+  assert memory.device_memory_gib(jax.devices()[0]) is None  # Fake CPU devices: no bound.
+  result = {"unet": "sdxl", "params": 2.6e9, "devices": 1, "device_kind": "TPU v5 lite",
+            "mesh_data": 1, "mesh_fsdp": 1, "pairs_per_device": 1, "grad_accum": 1,
+            "resolution": 1024, "compile_seconds": 1.0, "flops_per_step": 1.0,
+            "device_memory_bytes": 16 * 2**30, "fits": False,
+            **{f"{kind}_bytes": 2**30 for kind in
+               ("argument", "output", "temp", "alias", "generated_code", "total")}}
+  assert "of 16 GiB per chip: does NOT fit" in memory.summary(result)
 
 
 def test_unet_shape_from_a_release_id_a_folder_or_the_config(tmp_path):

@@ -16,15 +16,26 @@ kernel such as cuDNN's, which a CPU cannot compile. The UNet is
 `--unet`'s release shape, else the one `model.pretrained` names (a release's hub id, or a
 local pipeline folder's unet/config.json), else `model.unet`.
 
-The figures are XLA's CPU backend's buffer assignment: arguments and outputs are exact (the
-sharded state and batch), temporaries depend on the backend's fusion and layout choices and
-differ on GPUs and TPUs. FLOPs are XLA's count, which takes a loop body once: with
-`train.grad_accum` > 1 they are one microbatch's, and `dpo.reference_pass='shared'` leaves out
-the reference's forward (as `bench`'s `flops_per_step`). The last line is one JSON object.
+  python -m dpo_jax.tools.memory --config configs/sdxl.py --tpu v5p:2x2x2
+
+With `--tpu TOPOLOGY` (JAX's slice names: v5p:2x2x1, v5p:2x2x2, v6e:1x1, v6e:2x4, v5e:2x2,
+v4:2x2x1, ...) the same step is compiled by libtpu's XLA:TPU for that slice, on this machine,
+without TPUs (`pip install -e '.[tpu]'` installs libtpu): the plan a TPU would run, bfloat16
+kept in bfloat16, with each chip's HBM to hold it against.
+
+The figures are XLA's buffer assignment: arguments and outputs are exact (the sharded state
+and batch), temporaries depend on the backend's fusion and layout choices. XLA's CPU backend
+computes bfloat16 through float32 copies, so its temporaries overstate an accelerator's
+(SD1.5 at 128 px, 1 device: 18.7 GiB of temporaries on the CPU, 9.5 on TPU v5p). FLOPs are
+XLA's count, which takes a loop body once: with `train.grad_accum` > 1 they are one
+microbatch's, and `dpo.reference_pass='shared'` leaves out the reference's forward (as
+`bench`'s `flops_per_step`). The last line is one JSON object.
 """
 import json
+import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -44,6 +55,44 @@ RELEASE_PRESETS = {
 }
 CACHE_DTYPE = "float16"  # `prepare`'s default for the cached moments and embeddings.
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# HBM per chip in GiB by `device_kind` (Google Cloud TPU system architecture pages).
+TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+
+
+def tpu_devices(topology: str) -> list:
+  """The chips of a TPU slice named as JAX names them ('v5p:2x2x1', 'v6e:2x4'), to compile
+  for without TPUs: libtpu's compiler plans the program for that slice on this host."""
+  match = re.fullmatch(r"v\d+[a-z]*:(\d+(?:x\d+){1,2})", topology)
+  if not match:
+    raise UserError(f"--tpu {topology!r}: give a slice as JAX names it, generation:chips per "
+                    "axis, e.g. v5p:2x2x1 (4 chips), v5p:2x2x2 (8), v6e:1x1, v6e:2x4, v5e:2x2")
+  try:
+    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise UserError("--tpu compiles with libtpu, which is not installed: pip install -e "
+                    "'.[tpu]' (no TPU needed; it compiles on this machine)") from None
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # No TPU is touched, so several processes may compile at once: skip libtpu's lock on the
+  # (absent) chips, which refuses a second process.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  chips = [int(n) for n in match.group(1).split("x")]
+  options = {}
+  if math.prod(chips) < 4:  # Smaller than a host's default 2x2 chips: one host holds it.
+    options["chips_per_host_bounds"] = tuple(chips + [1] * (3 - len(chips)))
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                             **options).devices)
+  except jax.errors.JaxRuntimeError as e:
+    raise UserError(f"--tpu {topology}: libtpu does not know this slice ("
+                    f"{str(e).splitlines()[0]}); try e.g. v5p:2x2x1, v6e:2x4") from None
+
+
+def device_memory_gib(device) -> float | None:
+  """A TPU chip's HBM in GiB, None for other devices (fake CPU devices have no such bound)."""
+  for kind, gib in sorted(TPU_HBM_GIB.items(), key=lambda item: -len(item[0])):
+    if device.platform == "tpu" and device.device_kind.startswith(kind):
+      return gib
+  return None
 
 
 def device_environment(devices: int, environ: dict[str, str]) -> dict[str, str]:
@@ -135,6 +184,7 @@ def measure(config: ml_collections.ConfigDict, *, preset: str | None = None, dev
   cost = cost[0] if isinstance(cost, list) else cost  # Older jax: one dict per program.
   flops = float(cost.get("flops", float("nan")))  # One device's share of the step.
   memory = train.memory_estimate(compiled)
+  capacity = device_memory_gib(mesh.devices.flat[0])
   return {
       "unet": name, "params": sum(p.size for p in jax.tree_util.tree_leaves(
           models.initial_params)),
@@ -150,7 +200,10 @@ def measure(config: ml_collections.ConfigDict, *, preset: str | None = None, dev
          ("argument", "output", "temp", "alias", "generated_code")},
       "total_bytes": memory.get("peak"),
       "flops_per_device": flops, "flops_per_step": flops * mesh.size,
-      "compile_seconds": compile_seconds, "backend": jax.default_backend(),
+      "compile_seconds": compile_seconds, "platform": mesh.devices.flat[0].platform,
+      "device_kind": mesh.devices.flat[0].device_kind,
+      "device_memory_bytes": capacity and int(capacity * 2**30),
+      "fits": None if capacity is None else memory.get("peak", 0) <= capacity * 2**30,
       "host": platform.node(),
   }
 
@@ -158,15 +211,20 @@ def measure(config: ml_collections.ConfigDict, *, preset: str | None = None, dev
 def summary(result: dict) -> str:
   """Three lines for a person; the JSON line follows them."""
   gib = lambda kind: f"{(result[f'{kind}_bytes'] or 0) / 2**30:.2f}"
+  fits = ""
+  if result["fits"] is not None:
+    fits = (f" of {result['device_memory_bytes'] / 2**30:.0f} GiB per chip: "
+            f"{'fits' if result['fits'] else 'does NOT fit'}")
   return (f"{result['unet']} UNet ({result['params'] / 1e9:.3g} B params) on "
-          f"{result['devices']} device(s), mesh data={result['mesh_data']} x "
+          f"{result['devices']} {result['device_kind']} device(s), mesh data="
+          f"{result['mesh_data']} x "
           f"fsdp={result['mesh_fsdp']}, {result['pairs_per_device']} pair(s) per device x "
           f"grad_accum {result['grad_accum']}, {result['resolution']} px; compiled in "
           f"{result['compile_seconds']:.0f}s\n"
           f"per device (GiB): arguments {gib('argument')}, outputs {gib('output')}, "
           f"temporaries {gib('temp')}, aliased {gib('alias')}, generated code "
           f"{gib('generated_code')}; total {gib('total')} (arguments + outputs - aliased + "
-          "temporaries)\n"
+          f"temporaries){fits}\n"
           f"XLA FLOPs per step: {result['flops_per_step']:.4g} (all devices, as XLA counts: a "
           "loop body once, so one microbatch's)")
 
@@ -179,17 +237,30 @@ def run() -> None:
                              "A release's UNet shape (default: model.pretrained's, else "
                              "model.unet).")
   pairs = flags.DEFINE_integer("pairs_per_device", 1, "Pairs per device in each microbatch.")
+  tpu = flags.DEFINE_string("tpu", None, "Compile for this TPU slice with libtpu instead of "
+                            "for fake CPU devices, e.g. v5p:2x2x1 (4 chips), v6e:1x1; no TPU "
+                            "needed (pip install -e '.[tpu]').")
 
   def command(argv):
-    cli.check_arguments(argv, "--config, --config.KEY=VALUE, --devices, --unet, "
+    cli.check_arguments(argv, "--config, --config.KEY=VALUE, --devices, --tpu, --unet, "
                         "--pairs_per_device")
-    if devices.value is None or devices.value < 1:
-      raise UserError("--devices must be set to a device count >= 1, e.g. --devices 8")
-    _reexecute_with_devices(devices.value)
-    if jax.device_count() != devices.value:
-      raise UserError(f"JAX started with {jax.device_count()} CPU devices, not --devices="
-                      f"{devices.value}; unset JAX_NUM_CPU_DEVICES")
-    result = measure(config.value, preset=preset.value, pairs_per_device=pairs.value)
+    if tpu.value:
+      _reexecute_with_devices(1)  # This host's CPU backend only; libtpu compiles.
+      targets = tpu_devices(tpu.value)
+      if devices.value not in (None, len(targets)):
+        raise UserError(f"--devices={devices.value} but --tpu {tpu.value} has {len(targets)} "
+                        "chips; drop --devices")
+      result = measure(config.value, preset=preset.value, pairs_per_device=pairs.value,
+                       devices=targets)
+    else:
+      if devices.value is None or devices.value < 1:
+        raise UserError("--devices must be set to a device count >= 1, e.g. --devices 8 (or "
+                        "--tpu SLICE to compile for TPUs)")
+      _reexecute_with_devices(devices.value)
+      if jax.device_count() != devices.value:
+        raise UserError(f"JAX started with {jax.device_count()} CPU devices, not --devices="
+                        f"{devices.value}; unset JAX_NUM_CPU_DEVICES")
+      result = measure(config.value, preset=preset.value, pairs_per_device=pairs.value)
     print(summary(result), flush=True)
     print(json.dumps(result), flush=True)
 
