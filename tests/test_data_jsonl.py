@@ -251,10 +251,13 @@ def test_unpaired_data_is_refused_for_pair_losses_and_the_latent_cache():
 
 
 
-def test_a_data_worker_ended_by_sigterm_fails_the_next_batch_at_once(pairs_file, tokenizers):
-  """What training relies on when a scheduler's SIGTERM reaches every process of a job: a
-  data worker (data.workers) dies of it, and the next batch raises a RuntimeError at once,
-  rather than waiting forever (`train._next_batch` then saves the last step trained)."""
+def test_data_workers_outlive_sigterm_and_a_killed_one_fails_the_next_batch_at_once(
+    pairs_file, tokenizers):
+  """A scheduler's SIGTERM reaches every process of a job: the data workers (data.workers)
+  ignore it and batches keep coming, so that the trainer saves at its step boundary, on
+  every host at the same one. A worker killed outright fails the next batch with a
+  RuntimeError at once, rather than leaving it waiting forever (`train._next_batch` then
+  saves the last step trained)."""
   import multiprocessing
   import os
   import signal
@@ -268,6 +271,12 @@ def test_a_data_worker_ended_by_sigterm_fails_the_next_batch_at_once(pairs_file,
   assert workers
   for worker in workers:
     os.kill(worker.pid, signal.SIGTERM)
+  time.sleep(1)
+  assert all(worker.is_alive() for worker in workers)
+  for _ in range(4):
+    assert len(next(iterator)["pair_ids"]) > 0
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGKILL)
   time.sleep(1)
   started = time.monotonic()
   with pytest.raises(RuntimeError, match="terminated unexpectedly"):

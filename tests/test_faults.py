@@ -135,9 +135,9 @@ def test_sigterm_saves_at_a_step_boundary_and_the_same_command_resumes(tmp_path,
   _assert_same(resumed.params, unbroken.params)
   _assert_same(resumed.opt_state, unbroken.opt_state)
 
-  # The scheduler's SIGTERM reaches the data workers too (data.workers > 0), and grain then
-  # fails the next batch (tests/test_data_jsonl.py): step 2, the last one trained, is saved,
-  # and the same command resumes to the unbroken run's params.
+  # A data worker killed outright after the SIGTERM (the workers ignore SIGTERM itself) fails
+  # the next batch (tests/test_data_jsonl.py): step 2, the last one trained, is saved, and
+  # the same command resumes to the unbroken run's params.
   def pairs_without_workers(pair_ids, **options):
     if pair_ids[0] == 2 * 2:
       os.kill(os.getpid(), signal.SIGTERM)
@@ -179,3 +179,4 @@ def test_counts_are_saved_and_a_checkpoint_from_before_them_restores_with_zero(t
   _assert_same(state.params, params)
   state, _ = saved.restore(4, target)
   assert int(state.step) == 4 and int(state.nonfinite_total) == 5
+

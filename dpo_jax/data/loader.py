@@ -18,6 +18,7 @@ Unpaired data (data.format='unpaired', for KTO) gives one image per row instead 
 """
 import copy
 import functools
+import signal
 from collections.abc import Iterator, Sequence
 
 import grain.python as grain
@@ -208,7 +209,18 @@ def _host_batches(pairs, first: int, *, per_host: int, workers: int):
   # asked (no thread ahead of it): a batch made ahead and never sent would leak its memory.
   batches.enable_shared_memory_output()
   dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=0))
-  return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+  return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                                  worker_init_fn=_outlive_sigterm))
+
+
+def _outlive_sigterm(worker_index: int, worker_count: int) -> None:
+  """A data worker ignores SIGTERM. Schedulers (SLURM, Kubernetes, a TPU VM's maintenance)
+  send it to every process of the job: the trainer then finishes its step and saves at the
+  same step boundary on every host (`preemption`), which needs the next batches to keep
+  coming until then. The workers still end with the run: grain stops them through an event
+  when the iterator closes, and kills any left after 25 s."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_prepare_iterator(config, source, tokenizers: Sequence[transformers.CLIPTokenizer], *,
