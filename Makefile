@@ -15,7 +15,7 @@ install: $(BIN)/python
 # PyTorch is only the tests' oracle: the CPU build first, or pip resolves a multi-GB CUDA one.
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,tpu]'
 
 # The demo trains and then writes its report (report.json, samples_before_after.png,
 # curves.png) into the workdir; a second run starts afresh.
