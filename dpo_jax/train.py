@@ -420,8 +420,9 @@ class _DataEndedBySigterm(Exception):
 
 
 def _next_batch(run: _Run, notice: preemption.Notice):
-  """The step's input. Schedulers send SIGTERM to every process of a job, and grain's worker
-  processes (data.workers) die of it: their batches then fail with a RuntimeError, which
+  """The step's input. Schedulers send SIGTERM to every process of a job; grain's worker
+  processes (data.workers) ignore it (`loader._outlive_sigterm`). One killed outright after
+  it (SIGKILL, the kernel's out-of-memory killer) fails its batch with a RuntimeError, which
   after a SIGTERM this process caught means 'stop here', not a crash."""
   try:
     return next(run.batches)
