@@ -26,10 +26,10 @@ kept in bfloat16, with each chip's HBM to hold it against.
 The figures are XLA's buffer assignment: arguments and outputs are exact (the sharded state
 and batch), temporaries depend on the backend's fusion and layout choices. XLA's CPU backend
 computes bfloat16 through float32 copies, so its temporaries overstate an accelerator's
-(SD1.5 at 128 px, 1 device: 18.7 GiB of temporaries on the CPU, 9.5 on TPU v5p). FLOPs are
-XLA's count, which takes a loop body once: with `train.grad_accum` > 1 they are one
-microbatch's, and `dpo.reference_pass='shared'` leaves out the reference's forward (as
-`bench`'s `flops_per_step`). The last line is one JSON object.
+(SD1.5 at 128 px, 1 device: 18.7 GiB of temporaries on the CPU with the blocked attention,
+9.5 on TPU v5p with XLA's). FLOPs are XLA's count, which takes a loop body once: with
+`train.grad_accum` > 1 they are one microbatch's, and `dpo.reference_pass='shared'` leaves
+out the reference's forward (as `bench`'s `flops_per_step`). The last line is one JSON object.
 """
 import json
 import math
@@ -216,10 +216,10 @@ def summary(result: dict) -> str:
     fits = (f" of {result['device_memory_bytes'] / 2**30:.0f} GiB per chip: "
             f"{'fits' if result['fits'] else 'does NOT fit'}")
   return (f"{result['unet']} UNet ({result['params'] / 1e9:.3g} B params) on "
-          f"{result['devices']} {result['device_kind']} device(s), mesh data="
-          f"{result['mesh_data']} x "
-          f"fsdp={result['mesh_fsdp']}, {result['pairs_per_device']} pair(s) per device x "
-          f"grad_accum {result['grad_accum']}, {result['resolution']} px; compiled in "
+          f"{result['devices']} {result['device_kind']} device(s), "
+          f"mesh data={result['mesh_data']} x fsdp={result['mesh_fsdp']}, "
+          f"{result['pairs_per_device']} pair(s) per device x grad_accum "
+          f"{result['grad_accum']}, {result['resolution']} px; compiled in "
           f"{result['compile_seconds']:.0f}s\n"
           f"per device (GiB): arguments {gib('argument')}, outputs {gib('output')}, "
           f"temporaries {gib('temp')}, aliased {gib('alias')}, generated code "
@@ -244,14 +244,13 @@ def run() -> None:
   def command(argv):
     cli.check_arguments(argv, "--config, --config.KEY=VALUE, --devices, --tpu, --unet, "
                         "--pairs_per_device")
+    targets = None  # All of this process's (fake CPU) devices.
     if tpu.value:
       _reexecute_with_devices(1)  # This host's CPU backend only; libtpu compiles.
       targets = tpu_devices(tpu.value)
       if devices.value not in (None, len(targets)):
         raise UserError(f"--devices={devices.value} but --tpu {tpu.value} has {len(targets)} "
                         "chips; drop --devices")
-      result = measure(config.value, preset=preset.value, pairs_per_device=pairs.value,
-                       devices=targets)
     else:
       if devices.value is None or devices.value < 1:
         raise UserError("--devices must be set to a device count >= 1, e.g. --devices 8 (or "
@@ -260,7 +259,8 @@ def run() -> None:
       if jax.device_count() != devices.value:
         raise UserError(f"JAX started with {jax.device_count()} CPU devices, not --devices="
                         f"{devices.value}; unset JAX_NUM_CPU_DEVICES")
-      result = measure(config.value, preset=preset.value, pairs_per_device=pairs.value)
+    result = measure(config.value, preset=preset.value, pairs_per_device=pairs.value,
+                     devices=targets)
     print(summary(result), flush=True)
     print(json.dumps(result), flush=True)
 
