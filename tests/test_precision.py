@@ -68,12 +68,15 @@ def test_bfloat16_reference_keeps_normalisation_params_in_float32():
 
 def test_policy_and_reference_give_each_output_and_the_policy_gradient():
   """Against two plain calls: the same values, and the gradient of a loss of both outputs
-  with respect to the policy alone."""
+  with respect to the policy alone. The backward pass reads the weights of the second layer
+  (`v`, which the shared pass does not store but takes from the policy's params) and of the
+  first, square ones, so a weight taken from the wrong set or leaf changes the gradient."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
-  fn = lambda p: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2, axis=1)
-  params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+  x = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
+  fn = lambda p: jnp.sum(jnp.tanh(jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]) ** 2, axis=1)
+  params = {"w": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(4), jnp.float32),
+            "v": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32)}
   reference = jax.tree_util.tree_map(lambda p: p * 0.9, params)
   loss = lambda a, b: jnp.sum(a * jnp.arange(5.0)) - jnp.sum(b ** 2)
   shared = lambda p: loss(*precision.policy_and_reference(fn, p, reference))
@@ -85,6 +88,33 @@ def test_policy_and_reference_give_each_output_and_the_policy_gradient():
   policy, ref = jax.jit(lambda p: precision.policy_and_reference(fn, p, reference))(params)
   np.testing.assert_allclose(policy, fn(params), rtol=1e-6)
   np.testing.assert_allclose(ref, fn(reference), rtol=1e-6)
+
+
+def test_policy_and_reference_hold_no_copy_of_the_weights():
+  """The shared pass's gradient program plans no more temporaries than two separate passes
+  plus a quarter of the params' bytes. A stacked copy of both param sets costs twice their
+  bytes, and keeping the weights among the body's residuals once more (XLA:CPU's plan,
+  float32: its bfloat16 plans hold float32 copies of their own)."""
+  layers, width = 8, 512
+  params = {f"w{i}": jnp.full((width, width), 0.01, jnp.float32) for i in range(layers)}
+  reference = jax.tree_util.tree_map(lambda p: p * 0.5, params)
+  block = jax.checkpoint(lambda h, w: jnp.tanh(h @ w))
+
+  def fn(p):
+    h = jnp.ones((16, width), jnp.float32)
+    for i in range(layers):
+      h = block(h, p[f"w{i}"])
+    return jnp.sum(h ** 2, axis=1)
+
+  def temporaries(passes):
+    loss = lambda p: jnp.sum(jnp.subtract(*passes(fn, p, reference)))
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  param_bytes = layers * width * width * 4
+  shared = temporaries(precision.policy_and_reference)
+  separate = temporaries(precision.separate_passes)
+  assert shared <= separate + param_bytes / 4, (shared / param_bytes, separate / param_bytes)
 
 
 @pytest.fixture(scope="module")
