@@ -87,6 +87,7 @@ def abstract_models(config: ml_collections.ConfigDict, unet_shape: dict) -> trai
   """A UNet of the diffusers config `unet_shape` whose params are ShapeDtypeStructs (nothing
   allocated), and the encoders' configs only."""
   options = dict(dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
+                 remat_policy=config.model.remat_policy,
                  attention_implementation=config.model.attention_implementation)
   unet = unet_lib.build_unet(unet_shape, **options)
   kind = "sdxl" if unet.config.addition_embed_type else "sd"
@@ -252,7 +253,7 @@ def bench(config: ml_collections.ConfigDict, *, preset: str | None = None, steps
       "resolution": config.data.resolution, "compute_dtype": config.model.compute_dtype,
       "reference_dtype": config.model.reference_dtype,
       "reference_pass": config.dpo.reference_pass, "reference": reference,
-      "remat": config.model.remat,
+      "remat": config.model.remat, "remat_policy": config.model.remat_policy,
       "attention": layers.attention_implementation(config.model.attention_implementation,
                                                    0, 0) or "xla",
       "optimizer": config.optim.name, "devices": devices, "device": device.device_kind,

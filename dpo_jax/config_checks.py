@@ -20,6 +20,7 @@ _CHOICES = {
     ("model", "vae_dtype"): ("float32", "bfloat16"),
     ("model", "text_encoder_dtype"): ("float32", "bfloat16"),
     ("model", "attention_implementation"): (None, "xla", "cudnn", "blocked"),
+    ("model", "remat_policy"): ("full", "dots"),
 }
 _POSITIVE = (("dpo", "beta"), ("dpo", "mapo_beta"), ("dpo", "mapo_snr"), ("dpo", "kto_beta"),
              ("dpo", "kto_lambda_desirable"), ("dpo", "kto_lambda_undesirable"),

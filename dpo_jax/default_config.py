@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.vae_dtype = "float32"
   config.model.text_encoder_dtype = "float32"
   config.model.remat = False
+  # With remat, what each recomputed block keeps: 'full' its inputs alone (least memory);
+  # 'dots' also its dense and 1x1 products' outputs (models/unet.REMAT_POLICIES): more
+  # memory, less recomputation. `python -m dpo_jax.tools.memory` prices each.
+  config.model.remat_policy = "full"
   # Unset: ours ('blocked', FlashAttention's backward pass) on the CPU, XLA's elsewhere;
   # 'xla' | 'cudnn' (NVIDIA) | 'blocked' (models/layers.attention_implementation).
   config.model.attention_implementation = config_dict.placeholder(str)

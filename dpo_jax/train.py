@@ -50,6 +50,7 @@ def noise_schedule(scheduler_config: dict, config: ml_collections.ConfigDict
 
 def load_models(config: ml_collections.ConfigDict) -> Models:
   options = dict(dtype=jnp.dtype(config.model.compute_dtype), remat=config.model.remat,
+                 remat_policy=config.model.remat_policy,
                  attention_implementation=config.model.attention_implementation)
   if config.model.pretrained is None:
     if config.model.unet_init or config.model.vae:

@@ -27,6 +27,13 @@ def _load(name_or_path: str):
   return module.get_config()
 
 
+def test_an_unknown_remat_policy_is_refused_with_the_choices():
+  config = _load("demo")
+  config.model.remat_policy = "dots_saveable"
+  with pytest.raises(UserError, match=r"model.remat_policy='dots_saveable' .* full, dots$"):
+    config_checks.check_config(config)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_passes_checks_once_given_its_data(path):
   config = _load(path)

@@ -88,6 +88,7 @@ def test_remat_changes_nothing_but_memory(tmp_path):
   tiny_models.make_unet(config).save_pretrained(tmp_path)
   model, params = unet_lib.load_unet(str(tmp_path))
   remat_model, _ = unet_lib.load_unet(str(tmp_path), remat=True)
+  dots_model, _ = unet_lib.load_unet(str(tmp_path), remat=True, remat_policy="dots")
   inputs = _inputs(config, batch=1, size=8)
   sample = jnp.asarray(inputs["sample"]).transpose(0, 2, 3, 1)
   extra = {k: jnp.asarray(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
@@ -98,9 +99,10 @@ def test_remat_changes_nothing_but_memory(tmp_path):
     return jnp.mean(out**2)
 
   grads = jax.grad(lambda p: loss(model, p))(params)
-  remat_grads = jax.grad(lambda p: loss(remat_model, p))(params)
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat_grads)):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  for other in (remat_model, dots_model):
+    other_grads = jax.grad(lambda p, other=other: loss(other, p))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(other_grads)):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_cudnn_only_where_its_kernel_takes_the_lengths(monkeypatch):

@@ -118,7 +118,7 @@ def _unet_folder(folder: str) -> str:
 def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
                   text_encoder_dtype=None, variant: str | None = None,
                   attention_implementation: str | None = None, remat: bool = False,
-                  vae: str | None = None, unet_init: str | None = None,
+                  remat_policy: str = "full", vae: str | None = None, unet_init: str | None = None,
                   revision: str | None = None) -> Pipeline:
   """Reads a StableDiffusionPipeline or StableDiffusionXLPipeline folder (or hub id).
 
@@ -131,6 +131,7 @@ def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
     attention_implementation: for the UNet (`layers.attention_implementation`) and, when
       'xla' or 'cudnn', for the text encoders; None: each module's default.
     remat: recompute the UNet's blocks in the backward pass.
+    remat_policy: what a recomputed block keeps (`unet.REMAT_POLICIES`).
     vae: a VAE folder (or hub id) to use instead of the pipeline's vae/ (e.g. SDXL's
       fp16-fix VAE); export still writes the pipeline's own.
     unet_init: a UNet (or pipeline) folder whose UNet replaces the pipeline's, e.g. an
@@ -158,7 +159,7 @@ def load_pipeline(folder_or_hub_id: str, *, dtype=jnp.float32, vae_dtype=None,
 
   unet_folder = _unet_folder(unet_init) if unet_init else sub("unet")
   unet, unet_params = unet_lib.load_unet(unet_folder, variant=variant, dtype=dtype, remat=remat,
-                                        **attention)
+                                        remat_policy=remat_policy, **attention)
   vae_folder = model_files.resolve_pretrained(vae, key="model.vae") if vae else sub("vae")
   vae_model, vae_params = vae_lib.load_vae(vae_folder, variant=variant, dtype=vae_dtype or dtype)
   encoders, tokenizers = [], []

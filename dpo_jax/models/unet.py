@@ -191,6 +191,22 @@ class FeedForward(nn.Module):
     return nn.Dense(self.dim, dtype=self.dtype, name="net.2")(h)
 
 
+# What a block under remat keeps of its forward pass for the backward pass. 'full': nothing
+# but its inputs, so the backward pass recomputes all of it. 'dots': also the outputs of its
+# matrix products that have no batch dimension (the dense and 1x1 projections, the
+# feed-forward), not the attention scores (batched products, which grow with the square of
+# the tokens) nor the 3x3 convolutions: more memory, less recomputation.
+REMAT_POLICIES = {"full": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def recomputed(module_class, policy: str):
+  """`module_class` recomputed in the backward pass, keeping what `policy` names."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={policy!r}: one of {', '.join(REMAT_POLICIES)}")
+  return nn.remat(module_class, policy=REMAT_POLICIES[policy])
+
+
 class BasicTransformerBlock(nn.Module):
   """Pre-LN self-attention, cross-attention to the text, GEGLU feed-forward."""
   dim: int
@@ -220,6 +236,7 @@ class Transformer2DModel(nn.Module):
   attention_implementation: str | None = None
   remat: bool = False
   dtype: Dtype = jnp.float32
+  remat_policy: str = "full"
 
   @nn.compact
   def __call__(self, x, context):
@@ -229,7 +246,8 @@ class Transformer2DModel(nn.Module):
     layer = nn.Dense if self.use_linear_projection else PointwiseConv
     project = lambda name, y: layer(self.channels, dtype=self.dtype, name=name)(y)
     h = project("proj_in", h.reshape(batch, height * width, channels))
-    block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+    block = recomputed(BasicTransformerBlock, self.remat_policy) if self.remat else \
+        BasicTransformerBlock
     for i in range(self.layers):
       h = block(self.channels, self.heads, self.attention_implementation, self.dtype,
                 name=f"transformer_blocks.{i}")(h, context)
@@ -242,22 +260,24 @@ class UNet2DConditionModel(nn.Module):
 
   `dtype` is the compute dtype (bfloat16 on accelerators); parameters are float32.
   `remat` recomputes each resnet and transformer block in the backward pass, trading about
-  a third more compute for activation memory that no longer grows with depth.
+  a third more compute for activation memory that no longer grows with depth;
+  `remat_policy` says what a recomputed block keeps (`REMAT_POLICIES`).
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None
   remat: bool = False
+  remat_policy: str = "full"
 
   def _resnet(self, out_channels, name, scale=1.0):
-    block = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+    block = recomputed(ResnetBlock2D, self.remat_policy) if self.remat else ResnetBlock2D
     return block(out_channels, self.config.norm_num_groups, self.config.norm_eps,
                  output_scale_factor=scale, dtype=self.dtype, name=name)
 
   def _transformer(self, channels, heads, layers, name):
     return Transformer2DModel(channels, heads, layers, self.config.norm_num_groups,
                               self.config.use_linear_projection, self.attention_implementation,
-                              self.remat, self.dtype, name=name)
+                              self.remat, self.dtype, self.remat_policy, name=name)
 
   def _embed_time(self, timesteps, batch, text_embeds, time_ids):
     cfg = self.config

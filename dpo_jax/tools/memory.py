@@ -192,6 +192,7 @@ def measure(config: ml_collections.ConfigDict, *, preset: str | None = None, dev
       "pairs_per_device": pairs_per_device, "grad_accum": config.train.grad_accum,
       "batch_pairs": config.train.batch_pairs, "resolution": config.data.resolution,
       "loss": config.dpo.loss, "optimizer": config.optim.name, "remat": config.model.remat,
+      "remat_policy": config.model.remat_policy,
       "compute_dtype": config.model.compute_dtype,
       "reference_dtype": config.model.reference_dtype,
       "reference_pass": config.dpo.reference_pass, "reference": config.dpo.reference,
