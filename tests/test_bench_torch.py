@@ -46,7 +46,11 @@ def test_first_step_loss_is_ln2(unet, pooled_width):
   added conditions."""
   warmup = 0 if pooled_width else 1
   result = _torch_bench(unet, pooled_width, warmup=warmup)
-  assert result["torch_first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+  # Not bit-exact on every host: the policy's forward runs under autograd and the
+  # reference's under no_grad, for which oneDNN may choose other kernels (an AVX-512 host
+  # gave 0.69307 for SDXL's shape), and β = 5000 lifts their float32 rounding into the loss.
+  # A reference that was not the policy's copy would be off by orders more.
+  assert result["torch_first_loss"] == pytest.approx(math.log(2), abs=1e-3)
   if warmup:
     assert result["torch_final_loss"] != result["torch_first_loss"]
   assert result["torch_pairs_per_sec"] == pytest.approx(2 / result["torch_step_seconds"])
