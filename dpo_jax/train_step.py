@@ -216,14 +216,16 @@ def make_train_step(pair_loss: Callable, optimizer: optax.GradientTransformation
 
     def add(total, microbatch):
       grads, metrics = pair_gradients(state.params, state.reference_params, microbatch)
-      return jax.tree_util.tree_map(jnp.add, total, (grads, metrics)), None
+      return jax.tree_util.tree_map(jnp.add, total, grads), metrics
 
-    zeros = jax.eval_shape(lambda: pair_gradients(state.params, state.reference_params,
-                                                  jax.tree_util.tree_map(lambda x: x[0], micro)))
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    total, _ = jax.lax.scan(add, zeros, micro)
+    # The gradients are shaped like the params, so the carry starts without tracing the
+    # UNet a second time (an `eval_shape` of the step cost as long as the loop body's trace);
+    # the metrics come out per microbatch and are summed after.
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    grads, metrics = jax.lax.scan(add, zeros, micro)
+    metrics = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), metrics)
     # Mean over microbatches = the gradient and metrics of the whole batch (equal sizes).
-    return jax.tree_util.tree_map(lambda x: x / grad_accum, total)
+    return jax.tree_util.tree_map(lambda x: x / grad_accum, (grads, metrics))
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
     grads, metrics = accumulated_gradients(state, batch)
