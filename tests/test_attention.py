@@ -88,9 +88,11 @@ def test_a_unet_with_xlas_attention_equals_one_with_ours(monkeypatch):
   context = jnp.asarray(rng.standard_normal((2, 7, config["cross_attention_dim"]), np.float32))
   timesteps = jnp.array([3, 917])
   results = []
+  # The two differ only in their attention kernel, which holds no params: one init serves
+  # both (jitted and once: op-by-op init of a UNet took half a minute on a 2-core CPU).
+  params = unet_lib.init_params(unet_lib.build_unet(config), jax.random.key(0))
   for implementation in ("xla", "blocked"):
     model = unet_lib.build_unet(config, attention_implementation=implementation)
-    params = model.init(jax.random.key(0), sample, timesteps, context)["params"]
     loss = lambda p, model=model: jnp.mean(
         model.apply({"params": p}, sample, timesteps, context) ** 2)
     results.append(jax.jit(jax.value_and_grad(loss))(params))

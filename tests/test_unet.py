@@ -98,9 +98,10 @@ def test_remat_changes_nothing_but_memory(tmp_path):
                   jnp.asarray(inputs["context"]), **extra)
     return jnp.mean(out**2)
 
-  grads = jax.grad(lambda p: loss(model, p))(params)
+  # Jitted: op-by-op dispatch of three UNet gradients took a minute on a 2-core CPU.
+  grads = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
   for other in (remat_model, dots_model):
-    other_grads = jax.grad(lambda p, other=other: loss(other, p))(params)
+    other_grads = jax.jit(jax.grad(lambda p, other=other: loss(other, p)))(params)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(other_grads)):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
