@@ -367,7 +367,9 @@ def init_params(model: UNet2DConditionModel, rng: jax.Array):
   """Randomly initialised float32 params (flax's default initialisers)."""
   args, kwargs = _example_inputs(model.config)
   zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (args, kwargs))
-  return jax.jit(lambda a, k: model.init(rng, *a, **k))(*zeros)["params"]
+  # The key is an argument, not a constant of the program: every seed runs one compiled
+  # init (which takes XLA:CPU 10-20 s for a tiny UNet), from the persistent cache too.
+  return jax.jit(lambda r, a, k: model.init(r, *a, **k))(rng, *zeros)["params"]
 
 # ---------------------------------------------------------------------------------------------
 # A diffusers `unet/` folder <-> (UNet2DConditionModel, params).
