@@ -7,10 +7,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA:CPU's backend (LLVM) at its lowest optimisation level: compiling the tests' tiny UNets
+# dominates their time, and running them unoptimised does not. Only code generation changes;
+# XLA's HLO passes (fusion, layouts, bfloat16 normalisation, buffer assignment) run as in a
+# user's run, so the programs compute what a user's would (tests/subprocesses.py does the same
+# for the command-line runs).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Compiled programs go to a disk cache that the xdist workers and the tests' subprocesses
 # share: a test that compiles a train step a second time (a resumed run) reads it back
-# instead. Compiling dominates CPU test time. (Subprocesses compile with most optimisations
-# off, tests/subprocesses.py: they share entries among themselves, not with this process.)
+# instead. (The subprocesses run with other XLA_FLAGS, their own device counts, so they
+# share entries among themselves, not with this process.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "dpo_jax_tests_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
