@@ -37,6 +37,7 @@ def _tiny_config(files, **train_overrides):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # 60 steps: 204 s optimised against 282 s unoptimised, alone.
 def test_learns_a_preference_that_generalises_and_never_touches_the_reference(files, tmp_path):
   config = _tiny_config(files, steps=60, batch_pairs=8, log_every=20, ckpt_every=1000)
   config.optim.peak_lr = 2e-6
