@@ -238,7 +238,7 @@ def test_validation_prompts_are_read_unique_in_order(tmp_path):
 @pytest.mark.slow
 def test_a_run_past_max_bad_fraction_stops_saved_and_resumes(tmp_path, monkeypatch):
   monkeypatch.setattr(skips, "MIN_PAIRS_JUDGED", 0)
-  tiny_models.make_pipeline("sd").save_pretrained(tmp_path / "pipeline")
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(tmp_path / "pipeline")
   (tmp_path / "images").mkdir()
   lines = []
   for i in range(8):  # Pairs 2..7 name images that were never written: 3 in 4 are bad.

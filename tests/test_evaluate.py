@@ -19,7 +19,8 @@ from test_scorers import make_scorer_folder
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   folder = tmp_path_factory.mktemp("eval")
-  tiny_models.make_pipeline("sd").save_pretrained(folder / "pipeline")
+  # The two-level UNet: nothing here needs a third level, and it compiles in half the time.
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(folder / "pipeline")
   tiny_data.write_warm_vs_cool(str(folder / "heldout.parquet"), pairs=6, seed=3)
   run_config = tiny_config.get_config()
   run_config.model.pretrained = str(folder / "pipeline")
@@ -112,7 +113,7 @@ def test_compare_models_scores_paired_samples(setup, tmp_path):
 def test_command_evaluates_a_run_on_prompts_and_pairs(tmp_path):
   """The command end to end on a 1-step run at lr 0 (policy = reference): eval.json with
   both parts, report.md, grid.png and the paired samples."""
-  tiny_models.make_pipeline("sd").save_pretrained(tmp_path / "pipeline")
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(tmp_path / "pipeline")
   tiny_data.write_warm_vs_cool(str(tmp_path / "pairs.parquet"), pairs=4, seed=0)
   (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
   _, _, scorer, _ = make_scorer_folder(tmp_path / "scorer")

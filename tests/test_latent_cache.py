@@ -36,7 +36,7 @@ FRAMING_PER_RECORD, FRAMING_PER_FILE = 128, 2 * 65536
 
 
 def _write_files(kind: str, folder):
-  tiny_models.make_pipeline(kind).save_pretrained(folder / "pipeline")
+  tiny_models.make_pipeline(kind, small=True).save_pretrained(folder / "pipeline")
   tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=PAIRS, seed=0, size=44,
                                captions=CAPTIONS)
   return folder

@@ -120,7 +120,7 @@ def test_policy_and_reference_hold_no_copy_of_the_weights():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   folder = tmp_path_factory.mktemp("recipe")
-  tiny_models.make_pipeline("sd").save_pretrained(folder / "pipeline")
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(folder / "pipeline")
   tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=16, seed=0)
   return folder
 

@@ -93,9 +93,7 @@ def test_reference_free_states_hold_no_reference_weights():
 @pytest.fixture(scope="module")
 def pipeline_files(tmp_path_factory):
   folder = tmp_path_factory.mktemp("reference_errors")
-  pipe = tiny_models.make_pipeline("sd")
-  pipe = type(pipe)(**{**pipe.components, "unet": tiny_models.make_unet(SMALL_UNET)})
-  pipe.save_pretrained(folder / "pipeline")
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(folder / "pipeline")
   tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=6, seed=0)
   return folder
 

@@ -23,9 +23,9 @@ def pipelines(tmp_path_factory):
   """A tiny SD pipeline, two copies of it each with one frozen encoder's weights changed
   (same shapes, same UNet), and Pick-a-Pic parquet."""
   folder = tmp_path_factory.mktemp("pipelines")
-  tiny_models.make_pipeline("sd").save_pretrained(folder / "original")
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(folder / "original")
   for name, component in (("other_text_encoder", "text_encoder"), ("other_vae", "vae")):
-    pipe = tiny_models.make_pipeline("sd")
+    pipe = tiny_models.make_pipeline("sd", small=True)
     tiny_models.perturb_(getattr(pipe, component), scale=1e-3, seed=7)
     pipe.save_pretrained(folder / name)
   tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=PAIRS, seed=0)

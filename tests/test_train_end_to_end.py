@@ -19,9 +19,10 @@ TINY_CONFIG = os.path.join(REPO, "tests", "tiny_config.py")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  """A tiny SD1.5-shaped pipeline and warm-beats-cool train / held-out parquet files."""
+  """A tiny SD1.5-shaped pipeline (the two-level UNet) and warm-beats-cool train / held-out
+  parquet files."""
   folder = tmp_path_factory.mktemp("e2e")
-  tiny_models.make_pipeline("sd").save_pretrained(folder / "pipeline")
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(folder / "pipeline")
   tiny_data.write_warm_vs_cool(str(folder / "train.parquet"), pairs=64, seed=0)
   tiny_data.write_warm_vs_cool(str(folder / "heldout.parquet"), pairs=16, seed=1)
   return folder

@@ -24,7 +24,7 @@ from test_scorers import make_scorer_folder
     {"dpo.loss": "mapo"},
 ], ids=["dpo", "lora", "mapo"])
 def test_validation_every_n_steps_writes_metrics_and_grids(tmp_path, mode):
-  tiny_models.make_pipeline("sd").save_pretrained(tmp_path / "pipeline")
+  tiny_models.make_pipeline("sd", small=True).save_pretrained(tmp_path / "pipeline")
   tiny_data.write_warm_vs_cool(str(tmp_path / "train.parquet"), pairs=8, seed=0)
   tiny_data.write_warm_vs_cool(str(tmp_path / "heldout.parquet"), pairs=3, seed=1)
   (tmp_path / "prompts.txt").write_text("a cat\nphoto of a dog\n")

@@ -35,6 +35,13 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=32 + 6 * 8)
 SDXL_TEXT_EMBED_DIM = 32
 
+# SDXL_UNET cut the same way; it keeps its text_time added conditioning and a transformer
+# depth per block.
+SMALL_SDXL_UNET = dict(SDXL_UNET, layers_per_block=1, block_out_channels=(32, 64),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2))
+
 
 def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
   """Adds noise to every parameter so no norm is identity and no layer is zero-initialised:
@@ -98,15 +105,18 @@ def make_vae(config: dict = SD_VAE, seed: int = 0):
   return perturb_(AutoencoderKL(**config), seed=seed).eval()
 
 
-def make_pipeline(kind: str):
+def make_pipeline(kind: str, *, small: bool = False):
   """A tiny random StableDiffusionPipeline ('sd', SD1.5-shaped) or StableDiffusionXLPipeline
-  ('sdxl'), with the schedulers and tokenizer padding of the real releases."""
+  ('sdxl'), with the schedulers and tokenizer padding of the real releases. `small` gives it
+  the two-level UNet (SMALL_*_UNET): for a test that trains and needs no third level."""
   import diffusers
+  unet = make_unet({("sd", False): SD15_UNET, ("sd", True): SMALL_SD15_UNET,
+                    ("sdxl", False): SDXL_UNET, ("sdxl", True): SMALL_SDXL_UNET}[kind, small])
   schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   steps_offset=1)
   if kind == "sd":
     return diffusers.StableDiffusionPipeline(
-        unet=make_unet(SD15_UNET), vae=make_vae(), text_encoder=make_text_encoder(seed=1),
+        unet=unet, vae=make_vae(), text_encoder=make_text_encoder(seed=1),
         tokenizer=make_clip_tokenizer(),
         scheduler=diffusers.PNDMScheduler(**schedule, skip_prk_steps=True,
                                           set_alpha_to_one=False),
@@ -117,7 +127,7 @@ def make_pipeline(kind: str):
       "CLIPTextModelWithProjection", seed=2, hidden_act="gelu",
       projection_dim=SDXL_TEXT_EMBED_DIM, eos_token_id=CLIP_VOCAB["<|endoftext|>"])
   return diffusers.StableDiffusionXLPipeline(
-      unet=make_unet(SDXL_UNET), vae=make_vae(dict(SD_VAE, scaling_factor=0.13025)),
+      unet=unet, vae=make_vae(dict(SD_VAE, scaling_factor=0.13025)),
       text_encoder=make_text_encoder(seed=1), text_encoder_2=text_encoder_2,
       tokenizer=make_clip_tokenizer(), tokenizer_2=make_clip_tokenizer(pad_token="!"),
       scheduler=diffusers.EulerDiscreteScheduler(**schedule, timestep_spacing="leading"))
