@@ -35,8 +35,12 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=32 + 6 * 8)
 SDXL_TEXT_EMBED_DIM = 32
 
-# SDXL_UNET cut the same way; it keeps its text_time added conditioning and a transformer
-# depth per block.
+# SD21_UNET and SDXL_UNET cut to two levels likewise.
+SMALL_SD21_UNET = dict(SD21_UNET, block_out_channels=(32, 64), attention_head_dim=(2, 4),
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+# SDXL's keeps its text_time added conditioning and a transformer depth per block.
 SMALL_SDXL_UNET = dict(SDXL_UNET, layers_per_block=1, block_out_channels=(32, 64),
                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
