@@ -27,9 +27,9 @@ lint: install-test
 	$(BIN)/ruff check .
 
 # Lint first (seconds), then two workers: XLA compiles on one core at a time, so two test
-# processes keep both busy.
+# processes keep both busy. The 15 slowest tests are listed at the end: where CI's time goes.
 test: lint
-	$(BIN)/python -m pytest -n 2 -m "not expensive"
+	$(BIN)/python -m pytest -n 2 -m "not expensive" --durations=15
 
 # Also the few tests marked `expensive` (over a minute of CPU each).
 test-all: lint

@@ -81,8 +81,9 @@ def test_a_unet_with_xlas_attention_equals_one_with_ours(monkeypatch):
   import tiny_models
   from dpo_jax.models import unet as unet_lib
 
-  config = tiny_models.SD15_UNET
-  _blocks_of_16(monkeypatch, 64)  # 8x8 latents: 64 image tokens, in 4 blocks of 16.
+  # Two levels: the first attends over the 8x8 latents, 64 image tokens in 4 blocks of 16.
+  config = tiny_models.SMALL_SD15_UNET
+  _blocks_of_16(monkeypatch, 64)
   rng = np.random.default_rng(0)
   sample = jnp.asarray(rng.standard_normal((2, 8, 8, config["in_channels"]), np.float32))
   context = jnp.asarray(rng.standard_normal((2, 7, config["cross_attention_dim"]), np.float32))
