@@ -73,6 +73,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_data_source(config)
 
 
+def check_pipeline_for_data(config: ml_collections.ConfigDict) -> None:
+  """Data other than synthetic latents needs the pipeline whose encoders made or make its
+  UNet inputs ('sampled' data checks its own keys). Not in `check_config`: the benchmark
+  and the memory tool feed made-up latent-cache batches to a UNet built from its config."""
+  if config.model.pretrained:
+    return
+  if config.data.get("cache_dir"):
+    raise UserError("data.cache_dir needs model.pretrained: the diffusers pipeline the cache "
+                    "was prepared with")
+  if config.data.format not in ("synthetic", "sampled"):
+    raise UserError(f"data.format={config.data.format!r} needs model.pretrained: a diffusers "
+                    "pipeline whose VAE and text encoders turn images and captions into UNet "
+                    "inputs")
+
+
 # Losses whose step runs no reference model: SFT, and the reference-free ones.
 _REFERENCE_FREE_LOSSES = ("sft", "mapo")
 

@@ -18,6 +18,7 @@ def run() -> None:
       raise UserError("--workdir is required: the folder for checkpoints and metrics")
     from dpo_jax import config_checks, parallel, train as train_lib  # JAX is slow to load.
     config_checks.check_config(config.value)
+    config_checks.check_pipeline_for_data(config.value)
     parallel.initialize_distributed(config.value)
     train_lib.train(config.value, workdir.value)
 

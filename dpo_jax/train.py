@@ -135,13 +135,7 @@ def make_data_iterator(config: ml_collections.ConfigDict,
         latent_size=config.data.resolution // 8, channels=models.unet.config.in_channels,
         context_length=config.data.context_length,
         context_dim=models.unet.config.cross_attention_dim[0])
-  if models.encoders is None and config.data.cache_dir:
-    raise UserError("data.cache_dir needs model.pretrained: the diffusers pipeline the cache "
-                    "was prepared with")
-  if models.encoders is None:
-    raise UserError(f"data.format={config.data.format!r} needs model.pretrained: a diffusers "
-                    "pipeline whose VAE and text encoders turn images and captions into UNet "
-                    "inputs")
+  config_checks.check_pipeline_for_data(config)  # Encoders come from model.pretrained alone.
   if config.data.cache_dir:
     metadata = latent_cache.read_metadata(config.data.cache_dir)
     latent_cache.check_compatible(

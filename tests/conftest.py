@@ -2,13 +2,17 @@
 import os
 import tempfile
 
-# Must happen before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import subprocesses
+
+# Must happen before JAX initialises its backends. The compile flags: see subprocesses.
+os.environ.setdefault("XLA_FLAGS", " ".join(
+    ["--xla_force_host_platform_device_count=8", subprocesses.compile_flags()]).strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA:CPU's backend (LLVM) at its lowest optimisation level: compiling the tests' tiny UNets
-# dominates their time, and running them unoptimised does not. Only code generation changes;
+# dominates their time, and running them unoptimised does not. Only code generation changes
+# (here and in the older fusion emitter of `subprocesses.compile_flags`);
 # XLA's HLO passes (fusion, layouts, bfloat16 normalisation, buffer assignment) run as in a
 # user's run, so the programs compute what a user's would (tests/subprocesses.py does the same
 # for the command-line runs). A test marked `optimized` compiles as usual (the fixture below).

@@ -10,6 +10,22 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+_PROBED = "DPO_JAX_TESTS_COMPILE_FLAGS"  # The probe's answer, for this process's children.
+
+
+def compile_flags() -> str:
+  """XLA_FLAGS that make XLA:CPU compile the tests' programs faster: its older fusion code
+  generator, which compiled a tiny UNet's train step about 20% faster than the default MLIR
+  fusion emitters. Like `JAX_DISABLE_MOST_OPTIMIZATIONS` it changes code generation only.
+  An XLA that no longer knows the flag would abort on it, so a child process tries it once
+  (a second) and the answer is kept in the environment for the test workers and commands."""
+  if _PROBED not in os.environ:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _FAST_COMPILE_FLAG})
+    os.environ[_PROBED] = _FAST_COMPILE_FLAG if probe.returncode == 0 else ""
+  return os.environ[_PROBED]
 
 
 def cpu_env(devices: int = 1, *, optimize: bool = False, **extra: str) -> dict[str, str]:
@@ -18,8 +34,9 @@ def cpu_env(devices: int = 1, *, optimize: bool = False, **extra: str) -> dict[s
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHON=sys.executable, PYTHONPATH=REPO)
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  flags = [compile_flags()] + ([f"--xla_force_host_platform_device_count={devices}"]
+                               if devices > 1 else [])
+  env["XLA_FLAGS"] = " ".join(flag for flag in flags if flag)
   if not optimize:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   return {**env, **extra}

@@ -21,9 +21,16 @@ def _config(data: int, fsdp: int):
   return config
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  """The 4 steps on one device that every sharded run is compared with (trained once)."""
+  workdir = tmp_path_factory.mktemp("one")
+  return train.train(_config(1, 1), str(workdir), jax.devices()[:1]), workdir
+
+
 @pytest.mark.slow
-def test_one_device_and_eight_devices_train_the_same_params(tmp_path):
-  single = train.train(_config(1, 1), str(tmp_path / "one"), jax.devices()[:1])
+def test_one_device_and_eight_devices_train_the_same_params(tmp_path, one_device_run):
+  single, single_workdir = one_device_run
   sharded = train.train(_config(2, 4), str(tmp_path / "eight"), jax.devices()[:8])
 
   kernel = sharded.params["conv_in"]["kernel"]
@@ -35,8 +42,8 @@ def test_one_device_and_eight_devices_train_the_same_params(tmp_path):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
   # AdamW hides a gradient's scale from the weights (a gradient 8x too large moves them
   # alike); the logged gradient norm and loss of every step do not.
-  logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-          for run in ("one", "eight")]
+  logs = [[json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+          for workdir in (single_workdir, tmp_path / "eight")]
   assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
   for one, eight in zip(*logs):
     np.testing.assert_allclose(eight["grad_norm"], one["grad_norm"], rtol=1e-3)
@@ -49,11 +56,12 @@ def test_one_device_and_eight_devices_train_the_same_params(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("saved_on, resumed_on", [((2, 4), (2, 1)), ((2, 1), (2, 4))])
-def test_a_run_resumes_on_another_device_count(tmp_path, capsys, saved_on, resumed_on):
+def test_a_run_resumes_on_another_device_count(tmp_path, capsys, one_device_run, saved_on,
+                                              resumed_on):
   """Orbax reshards on restore: steps 1-2 on one mesh (8 devices as 2 × 4, or 2 as 2 × 1),
   steps 3-4 resumed on the other, give the model of 4 steps on one device (float32
   rounding only)."""
-  single = train.train(_config(1, 1), str(tmp_path / "one"), jax.devices()[:1])
+  single, _ = one_device_run
   first = _config(*saved_on)
   first.train.steps, first.train.ckpt_every = 2, 2
   train.train(first, str(tmp_path / "moved"), jax.devices()[:saved_on[0] * saved_on[1]])
