@@ -1,8 +1,9 @@
 """Commands in a subprocess on N plain CPU devices, as on a user's machine (conftest gives the
 test process itself 8 fake devices).
 
-Their JAX compiles with most XLA optimisations off (`jax_disable_most_optimizations`): the
-command-line runs are tiny, so compiling dominates them and optimising the code does not pay.
+Their JAX compiles with most XLA optimisations off (`jax_disable_most_optimizations`) and
+XLA:CPU's older fusion emitter (`compile_flags`): the command-line runs are tiny, so
+compiling dominates them and optimising the code does not pay.
 `optimize=True` compiles as a user's run would, for a subprocess whose numbers must match an
 optimised run's."""
 import os
@@ -34,11 +35,11 @@ def cpu_env(devices: int = 1, *, optimize: bool = False, **extra: str) -> dict[s
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHON=sys.executable, PYTHONPATH=REPO)
-  flags = [compile_flags()] + ([f"--xla_force_host_platform_device_count={devices}"]
-                               if devices > 1 else [])
-  env["XLA_FLAGS"] = " ".join(flag for flag in flags if flag)
+  flags = [f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []
   if not optimize:
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    flags.append(compile_flags())
+  env["XLA_FLAGS"] = " ".join(flag for flag in flags if flag)
   return {**env, **extra}
 
 
