@@ -68,17 +68,18 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored.config
 
-  def restore_params(self, step: int):
-    """Only the policy params of `step`, whole on this host's first device, whatever mesh
-    wrote them: what export needs, without the reference or optimiser state in memory."""
+  def restore_params(self, step: int, field: str = "params"):
+    """Only the policy params of `step` (or another state field, e.g. 'reference_params'),
+    whole on this host's first device, whatever mesh wrote them: what export needs, without
+    the reference or optimiser state in memory."""
     tree = self._state_tree(step)
     path = os.path.join(str(self._manager.directory), str(step), "state")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
+    target = {field: jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree[field])}
     args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    return ocp.PyTreeCheckpointer().restore(path, args=args)["params"]
+    return ocp.PyTreeCheckpointer().restore(path, args=args)[field]
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())

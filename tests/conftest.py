@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (here and in the older fusion emitter of `subprocesses.compile_flags`);
 # XLA's HLO passes (fusion, layouts, bfloat16 normalisation, buffer assignment) run as in a
 # user's run, so the programs compute what a user's would (tests/subprocesses.py does the same
-# for the command-line runs). A test marked `optimized` compiles as usual (the fixture below).
+# for the command-line runs, except those run with `optimize=True`).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Compiled programs go to a disk cache that the xdist workers and the tests' subprocesses
 # share: a test that compiles a train step a second time (a resumed run) reads it back
@@ -24,22 +24,3 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "dpo_jax_tests_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-
-import jax  # noqa: E402  (after the environment it reads)
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _optimised_compile_if_marked(request):
-  """A test marked `optimized` compiles at XLA:CPU's usual optimisation level: one that runs
-  its compiled programs long enough (many training steps) for optimised code to pay for its
-  longer compile."""
-  if request.node.get_closest_marker("optimized") is None:
-    yield
-    return
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", False)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", before)

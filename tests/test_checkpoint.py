@@ -158,6 +158,10 @@ def test_restore_params_returns_only_the_params_on_the_first_device(checkpointer
   _assert_same_arrays(params, saved.params)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   assert {leaf.sharding for leaf in jax.tree_util.tree_leaves(params)} == {device}
+  # Another field of the state alike: the bfloat16 reference, in its dtype.
+  reference = checkpointers(every=1).restore_params(1, "reference_params")
+  _assert_same_arrays(reference, saved.reference_params)
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(reference)} == {jnp.dtype(jnp.bfloat16)}
 
 
 @pytest.mark.parametrize("change", ["shape", "structure"])
