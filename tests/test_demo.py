@@ -71,7 +71,10 @@ def test_shipped_base_model_equals_diffusers():
   np.testing.assert_allclose(image, image_torch.numpy().transpose(0, 2, 3, 1), atol=1e-4)
 
 
+# The shipped base model is checked above; this checks the script that remakes it. Two models
+# trained, over a minute of CPU: `make test-all` runs it, CI's `make test` does not.
 @pytest.mark.slow
+@pytest.mark.expensive
 def test_base_model_script_writes_a_pipeline_diffusers_loads(tmp_path):
   """`python -m dpo_jax.demo.base_model` (two steps of each model) writes a folder that
   diffusers loads and that our pipeline loader and sampler read."""
