@@ -270,7 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
   if start:
     state, data_state = checkpointer.restore(start, state)
     data.set_state(_this_hosts_data_state(data_state, workdir))
-    print(f"resumed from step {start} in {workdir}", flush=True)
+    if jax.process_index() == 0:  # One line for the run, as the log's others.
+      print(f"resumed from step {start} in {workdir}", flush=True)
   validator = None
   if config.eval.every and jax.process_index() == 0:
     from dpo_jax import validation  # Loads the scorers: only when asked for.
