@@ -306,26 +306,29 @@ def test_two_hosts_with_data_workers_stop_saved_on_sigterm_and_resume(data, pipe
   command = ["bash", "launch/local_multiprocess.sh", "2", "tests/tiny_config.py"]
   options = ["--config.data.workers=1", "--config.train.log_every=1"]
   run, unbroken = tmp_path / "run", tmp_path / "unbroken"
-  with subprocess.Popen([*command, str(run), *_args(pipeline, data["jsonl"], 200, 1000),
-                         *options], cwd=subprocesses.REPO, env=subprocesses.cpu_env(2),
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                        start_new_session=True) as launcher:
+  # Output to files: unread pipes would fill while this waits, and block the processes.
+  out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+  with out.open("w") as stdout_file, err.open("w") as stderr_file, subprocess.Popen(
+      [*command, str(run), *_args(pipeline, data["jsonl"], 200, 1000), *options],
+      cwd=subprocesses.REPO, env=subprocesses.cpu_env(2), stdout=stdout_file,
+      stderr=stderr_file, start_new_session=True) as launcher:
     try:
       deadline = time.monotonic() + 300
       metrics = run / "metrics.jsonl"
       while not metrics.exists() or metrics.read_text().count("\n") < 2:
-        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        assert launcher.poll() is None, err.read_text()[-3000:]
         assert time.monotonic() < deadline, "step 2 not logged in 300 s"
         time.sleep(0.5)
       processes = _python_processes_of_group(launcher.pid)
       assert len(processes) >= 4  # Two trainers, at least a data worker each.
       for pid in processes:
         os.kill(pid, signal.SIGTERM)
-      stdout, stderr = launcher.communicate(timeout=300)
+      launcher.wait(timeout=300)
     finally:
       if launcher.poll() is None:
         os.killpg(launcher.pid, signal.SIGKILL)
-  assert launcher.returncode == 0, stderr[-3000:]
+  stdout = out.read_text()
+  assert launcher.returncode == 0, err.read_text()[-3000:]
   stopped = re.search(r"^preempted \(SIGTERM\): stopped after step (\d+)\. Step \1 is saved",
                       stdout, re.MULTILINE)
   assert stopped, stdout[-3000:]
@@ -340,7 +343,7 @@ def test_two_hosts_with_data_workers_stop_saved_on_sigterm_and_resume(data, pipe
   assert again.stdout.count("resumed from step") == 1  # Process 0's line alone.
   assert f"resumed from step {step} in {run}" in again.stdout
   assert [r["step"] for r in _metrics(run)] == list(range(1, step + 3))
-  resumed, straight = (Checkpointer(str(workdir), every=1000).restore_params(step + 2)
-                       for workdir in (run, unbroken))
-  for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(straight)):
+  params = [Checkpointer(str(workdir), every=1000).restore_params(step + 2)
+            for workdir in (run, unbroken)]
+  for a, b in zip(*map(jax.tree_util.tree_leaves, params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
