@@ -20,7 +20,14 @@ pairs in random order (captions spread over every share) and grouped by caption 
 caption's pairs together). Pairs per caption are drawn as 1 + a multinomial share with
 log-normal weights (sigma `--spread`), an assumption: the real counts were not available.
 
+With `--merge_shares 8,64`, the pairs (random order) are also written as that many hosts'
+shares, each with its own caption table, as a multi-host prepare writes them; then
+`caption_merge.merge_caption_tables` (`python -m dpo_jax.tools.merge_captions`) merges the
+tables, and the script prints the tables' bytes before and after, the merge's time and read
+rate, and checks that 50 pairs read the same bits after the merge as before.
+
   python benchmarks/cache_size.py [--model sd15|sdxl] [--pairs 2000] [--hosts 1,8,64]
+                                  [--merge_shares 8,64]
 """
 import os
 import platform
@@ -35,7 +42,7 @@ from array_record.python import array_record_module
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dpo_jax.data import latent_cache  # noqa: E402
+from dpo_jax.data import caption_merge, latent_cache  # noqa: E402
 
 PICKAPIC_V2_PAIRS = 959_040  # Train split rows, Hugging Face dataset card.
 PICKAPIC_V2_CAPTIONS = 58_000  # Assumed (see the docstring).
@@ -48,6 +55,7 @@ _PAIRS = flags.DEFINE_integer("pairs", 2000, "Pairs written (both layouts are wr
 _HOSTS = flags.DEFINE_list("hosts", ["1", "8", "64"], "Host counts for the per-share counts.")
 _SPREAD = flags.DEFINE_float("spread", 1.0, "Sigma of the log-normal pairs-per-caption weights.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
+_MERGE_SHARES = flags.DEFINE_list("merge_shares", [], "Host counts to write and then merge.")
 
 
 def pairs_per_caption(pairs: int, captions: int, spread: float,
@@ -111,6 +119,34 @@ def write_both(folder: str, order: np.ndarray, model: str, rng: np.random.Genera
           "per_pair": os.path.getsize(os.path.join(per_pair, "pairs.array_record"))}
 
 
+def write_shares_then_merge(folder: str, order: np.ndarray, model: str, shares: int,
+                           rng: np.random.Generator) -> dict:
+  """The pairs as `shares` hosts' contiguous shares, each with its own caption table; then
+  the tables merged. Bytes of the tables before and after, and the merge's report."""
+  side, width, pooled = MODELS[model]
+  captions = [synthetic_caption(rng, width, pooled) for _ in range(order.max() + 1)]
+  latent_cache.write_metadata(folder, {
+      "kind": model, "resolution": side * 8, "dtype": "float16", "num_shards": shares,
+      "pretrained": "synthetic", "fingerprint": "synthetic", "source": "synthetic",
+      "skipped_at_start": {}}, captions[0])
+  pair_id = 0
+  for index, share in enumerate(np.array_split(order, shares)):
+    writer = latent_cache.ShardWriter(folder, index, shares)
+    for caption in share:
+      writer.write({**synthetic_pair(rng, side, pair_id), **captions[caption]})
+      pair_id += 1
+    writer.close({"kept": len(share)})
+  source = latent_cache.LatentCacheSource(folder)
+  sample = [int(p) for p in rng.choice(len(source), min(50, len(source)), replace=False)]
+  before = [source[p] for p in sample]
+  report = caption_merge.merge_caption_tables(folder)
+  source = latent_cache.LatentCacheSource(folder)
+  for position, want in zip(sample, before):
+    got = source[position]
+    assert all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
+  return report
+
+
 def check_reads_back(table: str, per_pair: str, rng: np.random.Generator, count: int = 50):
   """Pairs read from the table layout equal format 1's records, bit for bit."""
   source = latent_cache.LatentCacheSource(table)
@@ -164,11 +200,31 @@ def main(argv):
   print("| hosts | order | caption entries | bytes per pair (KiB) | factor |")
   print("| --- | --- | --- | --- | --- |")
   for hosts in (int(h) for h in _HOSTS.value):
+    totals = {}
     for grouped in (False, True):
-      total = entries_per_share(caption_order(full, rng, grouped), hosts)
+      total = totals[grouped] = entries_per_share(caption_order(full, rng, grouped), hosts)
       size = pair_record + caption_record * total / PICKAPIC_V2_PAIRS
       print(f"| {hosts} | {'grouped by caption' if grouped else 'random'} | {total:,} | "
             f"{size / 1024:.1f} | {before / size:.2f}x |")
+    # Merged: one entry a distinct caption, and the map's 4 B for each of the hosts' entries
+    # (random order's, the most).
+    size = pair_record + (caption_record * len(full) + 4 * totals[False]) / PICKAPIC_V2_PAIRS
+    print(f"| {hosts} | either, then merged | {len(full):,} | {size / 1024:.1f} | "
+          f"{before / size:.2f}x |")
+
+  if _MERGE_SHARES.value:
+    print(f"\nmerged, {pairs} pairs written (random order) as each host count's shares, then "
+          "their caption tables merged; 50 pairs read the same bits after")
+    print("| hosts | entries: hosts' tables -> merged | tables' bytes: before -> after (MiB) "
+          "| merge (s) | read (MiB/s) |")
+    print("| --- | --- | --- | --- | --- |")
+  for shares in (int(h) for h in _MERGE_SHARES.value):
+    with tempfile.TemporaryDirectory() as folder:
+      report = write_shares_then_merge(folder, caption_order(counts, rng, grouped=False),
+                                       model, shares, rng)
+    print(f"| {shares} | {report['host_entries']:,} -> {report['merged_entries']:,} | "
+          f"{report['bytes_before'] / 2**20:.1f} -> {report['bytes_after'] / 2**20:.1f} | "
+          f"{report['seconds']:.1f} | {report['bytes_before'] / 2**20 / report['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

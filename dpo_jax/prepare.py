@@ -5,7 +5,8 @@ data.resolution, epoch 0's crops and flips, every caption) through the frozen VA
 encoders of model.pretrained, and writes the cache that `--config.data.cache_dir=DIR`
 trains from (format: `dpo_jax.data.latent_cache`). Started on several hosts by the same
 launchers as training, each host encodes and writes its own contiguous share of the pairs, and
-the table of the distinct caption encodings among them, which its pair records refer to.
+the table of the distinct caption encodings among them, which its pair records refer to;
+`python -m dpo_jax.tools.merge_captions` then makes one table of them.
 """
 import os
 import time
@@ -119,6 +120,10 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
         f"{latent_cache.shard_path(output, index, count)} ({skips.describe(batches.counts)}), "
         f"their {writer.captions} distinct caption encodings to "
         f"{os.path.basename(latent_cache.captions_path(output, index, count))}", flush=True)
+  if index == 0 and count > 1:
+    print(f"Each host stored the captions of its own share. Once every host has finished, "
+          f"python -m dpo_jax.tools.merge_captions --cache_dir {output} (on one machine) "
+          "stores each caption once for the whole cache", flush=True)
   return batches.counts
 
 

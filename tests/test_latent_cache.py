@@ -16,7 +16,7 @@ import tiny_config
 import tiny_data
 import tiny_models
 from dpo_jax import encode as encode_lib, parallel, prepare as prepare_lib, train
-from dpo_jax.data import latent_cache, loader
+from dpo_jax.data import caption_merge, latent_cache, loader
 from dpo_jax.errors import UserError
 from dpo_jax.train_step import make_pair_loss
 
@@ -214,8 +214,102 @@ def test_a_cache_of_an_older_format_is_refused_in_one_line(sd_cache, tmp_path):
   message = str(error.value)
   assert "\n" not in message
   assert message == latent_cache.format_error(str(old), 1)
-  assert f"format 1, this dpo_jax reads format {latent_cache.FORMAT_VERSION}" in message
+  assert "format 1, this dpo_jax reads formats 2 and 3" in message
   assert message.endswith(f"python -m dpo_jax.prepare --output {old} --overwrite")
+
+
+def _all_pairs(folder) -> list[dict]:
+  source = latent_cache.LatentCacheSource(str(folder))
+  return [source[i] for i in range(len(source))]
+
+
+def _assert_same_pairs(expected: list[dict], actual: list[dict]) -> None:
+  assert len(expected) == len(actual)
+  for want, got in zip(expected, actual):
+    assert want.keys() == got.keys()
+    for name in want:
+      assert want[name].dtype == got[name].dtype, name
+      np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_merged_caption_table_stores_each_caption_once_and_every_pair_reads_the_same(
+    sd_cache, tmp_path):
+  folder = tmp_path / "cache"
+  shutil.copytree(sd_cache, folder)
+  before = _all_pairs(folder)
+  old_repr = repr(latent_cache.LatentCacheSource(str(folder)))
+
+  report = caption_merge.merge_caption_tables(str(folder))
+  # Host 0's share (pairs 0-5) meets the prompts in the order 0, 1, 2 and host 1's (6-11) in
+  # the order 2, 1, 0: their 3 + 3 entries map to the merged table's 3 as below.
+  assert (report["host_entries"], report["merged_entries"]) == (6, len(PROMPTS))
+  np.testing.assert_array_equal(np.load(folder / latent_cache.CAPTION_ENTRIES),
+                                [0, 1, 2, 2, 1, 0])
+  assert report["removed_tables"] == 2 and not report["already_merged"]
+  assert sorted(os.listdir(folder)) == [
+      "cache.json", "caption_entries.npy", "captions-merged.array_record",
+      "empty_prompt.safetensors", "pairs-00000-of-00002.array_record",
+      "pairs-00000-of-00002.json", "pairs-00001-of-00002.array_record",
+      "pairs-00001-of-00002.json"]
+  assert latent_cache.read_metadata(str(folder))["format_version"] == 3
+  _assert_same_pairs(before, _all_pairs(folder))
+  # One entry per distinct caption, as a one-host cache would hold: the merged table's
+  # records are the entries' bytes, nothing more.
+  merged = grain.ArrayRecordDataSource([str(folder / latent_cache.MERGED_CAPTIONS)])
+  assert len(merged) == len(PROMPTS)
+  assert {len(merged[i]) for i in range(len(merged))} == {
+      _record_bytes(latent_cache.split_pair(before[0])[1])}
+  assert report["bytes_after"] < report["bytes_before"]
+  # The same source as far as a saved data position is concerned: a run resumes across it.
+  assert repr(latent_cache.LatentCacheSource(str(folder))) == old_repr
+  again = caption_merge.merge_caption_tables(str(folder))
+  assert again["already_merged"] and again["removed_tables"] == 0
+
+
+def test_an_interrupted_merge_leaves_a_cache_that_reads_the_same_and_a_rerun_finishes(
+    sd_cache, tmp_path, monkeypatch):
+  expected = _all_pairs(sd_cache)
+  write_durably = caption_merge._write_durably
+
+  def killed_at_the_switch(path, write):
+    if path.endswith(latent_cache.METADATA):
+      raise KeyboardInterrupt
+    write_durably(path, write)
+
+  def killed_after_the_switch(folder, count):
+    raise KeyboardInterrupt
+
+  for interruption, fixed_up in ((("_write_durably", killed_at_the_switch), False),
+                                 (("_remove_host_tables", killed_after_the_switch), True)):
+    folder = tmp_path / interruption[0]
+    shutil.copytree(sd_cache, folder)
+    with monkeypatch.context() as patch:
+      patch.setattr(caption_merge, *interruption)
+      with pytest.raises(KeyboardInterrupt):
+        caption_merge.merge_caption_tables(str(folder))
+    # Before the switch: format 2 and the hosts' tables; after it: format 3 with the hosts'
+    # tables still there. Either reads every pair as before.
+    assert latent_cache.read_metadata(str(folder))["format_version"] == (3 if fixed_up else 2)
+    assert os.path.exists(latent_cache.captions_path(str(folder), 0, 2))
+    _assert_same_pairs(expected, _all_pairs(folder))
+    report = caption_merge.merge_caption_tables(str(folder))
+    assert report["already_merged"] == fixed_up and report["removed_tables"] == 2
+    assert not os.path.exists(latent_cache.captions_path(str(folder), 0, 2))
+    _assert_same_pairs(expected, _all_pairs(folder))
+
+
+def test_a_prepare_over_a_merged_cache_drops_the_merged_table(sd_cache, tmp_path):
+  """prepare --overwrite writes the metadata of a new format 2 cache, whose hosts' tables
+  replace the old: the old merge must not linger beside them."""
+  folder = tmp_path / "cache"
+  shutil.copytree(sd_cache, folder)
+  caption_merge.merge_caption_tables(str(folder))
+  with open(folder / latent_cache.METADATA) as f:
+    metadata = {k: v for k, v in json.load(f).items() if k != "format_version"}
+  empty = safetensors.numpy.load_file(str(folder / latent_cache.EMPTY_PROMPT))
+  latent_cache.write_metadata(str(folder), metadata, empty)
+  assert not (folder / latent_cache.MERGED_CAPTIONS).exists()
+  assert not (folder / latent_cache.CAPTION_ENTRIES).exists()
 
 
 _run = subprocesses.run_module
@@ -246,7 +340,7 @@ def test_cli_prepare_then_train_from_the_cache(sd_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_prepare_one_cache_each_its_share(sd_files, tmp_path):
+def test_two_processes_prepare_one_cache_each_its_share_then_one_table_for_all(sd_files, tmp_path):
   result = subprocesses.run(
       ["bash", "launch/local_multiprocess.sh", "2", TINY_CONFIG, str(tmp_path / "cache"),
        f"--config.model.pretrained={sd_files / 'pipeline'}",
@@ -258,5 +352,20 @@ def test_two_processes_prepare_one_cache_each_its_share(sd_files, tmp_path):
       "captions-00001-of-00002.array_record", "empty_prompt.safetensors",
       "pairs-00000-of-00002.array_record", "pairs-00000-of-00002.json",
       "pairs-00001-of-00002.array_record", "pairs-00001-of-00002.json"]
-  source = latent_cache.LatentCacheSource(str(tmp_path / "cache"))
-  assert [int(source[i]["pair_ids"]) for i in range(len(source))] == list(range(PAIRS))
+  assert result.stdout.count(
+      f"python -m dpo_jax.tools.merge_captions --cache_dir {tmp_path / 'cache'}") == 1
+  before = _all_pairs(tmp_path / "cache")
+  assert [int(pair["pair_ids"]) for pair in before] == list(range(PAIRS))
+
+  # Then one table for the whole cache, through the command a user runs.
+  result = _run("dpo_jax.tools.merge_captions", f"--cache_dir={tmp_path / 'cache'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "6 caption entries in the hosts' tables" in result.stdout
+  assert "merged into 3" in result.stdout
+  assert not (tmp_path / "cache" / "captions-00000-of-00002.array_record").exists()
+  _assert_same_pairs(before, _all_pairs(tmp_path / "cache"))
+  missing = _run("dpo_jax.tools.merge_captions", f"--cache_dir={tmp_path / 'nothing'}")
+  assert missing.returncode == 2
+  assert missing.stderr.strip().splitlines() == [
+      f"error: data.cache_dir={tmp_path / 'nothing'} holds no cache.json; write a cache there "
+      "first with python -m dpo_jax.prepare --output DIR"]

@@ -29,6 +29,18 @@ hosts: a caption whose pairs fall on k hosts is stored k times. That costs some 
 saving at many hosts (BENCHMARKS.md has the sizes) but keeps prepare a set of independent
 writers, and a cache's tables never depend on which host finished first.
 
+Merged (format 3): `python -m dpo_jax.tools.merge_captions --cache_dir DIR`, run once on one
+machine after a multi-host prepare (`data/caption_merge.py`), replaces the hosts' tables by
+one, which holds each distinct encoding once over all shares:
+
+  captions-merged.array_record           the first entry of each digest, in share order
+  caption_entries.npy                    int32: for each entry of the hosts' tables, in share
+                                         order, its position in the merged table
+
+Pair records are left as they are: a pair's `caption_index` still counts in its own share's
+table, and the map sends it to the merged entry, whose bits are those of the entry it
+replaces. So a pair reads exactly what it read before the merge, and a run resumes across it.
+
 Moments rather than a latent sample are stored: every epoch draws its own sample, as
 encoding anew would. The crop and flip are those of epoch 0, fixed for the whole run: that is
 the price of encoding once.
@@ -45,9 +57,14 @@ from array_record.python import array_record_module
 from dpo_jax.data import transforms
 from dpo_jax.errors import UserError
 
-# 2: captions in a table of their own (1 held them in every pair record).
+# 2: captions in a table of their own (1 held them in every pair record). Prepare writes it.
 FORMAT_VERSION = 2
+# 3: format 2 with the hosts' caption tables merged into one (data/caption_merge.py).
+MERGED_FORMAT_VERSION = 3
+READABLE_FORMATS = (FORMAT_VERSION, MERGED_FORMAT_VERSION)
 METADATA = "cache.json"
+MERGED_CAPTIONS = "captions-merged.array_record"
+CAPTION_ENTRIES = "caption_entries.npy"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 # What a pair shares with the other pairs of its caption: stored once, in the caption table.
 CAPTION_KEYS = ("context", "pooled")
@@ -164,20 +181,24 @@ class ShardWriter:
 
 def write_metadata(folder: str, metadata: dict, empty_prompt: dict[str, np.ndarray]) -> None:
   safetensors.numpy.save_file(empty_prompt, os.path.join(folder, EMPTY_PROMPT))
+  for name in (MERGED_CAPTIONS, CAPTION_ENTRIES):  # A merge of an earlier cache's tables.
+    if os.path.exists(os.path.join(folder, name)):
+      os.remove(os.path.join(folder, name))
   with open(os.path.join(folder, METADATA), "w") as f:
     json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=2)
 
 
 def read_metadata(folder: str) -> dict:
-  """cache.json, plus `shards` (complete shard paths, in order) with their `caption_tables`,
-  per-shard `shard_pairs` and `shard_captions`, and their summed `counts` and `pairs`."""
+  """cache.json, plus `shards` (complete shard paths, in order), per-shard `shard_pairs` and
+  `shard_captions` (entries of each host's table), their summed `counts` and `pairs`, and
+  `caption_tables`: the hosts' tables, or once merged (format 3) the merged table alone."""
   path = os.path.join(folder, METADATA)
   if not os.path.isfile(path):
     raise UserError(f"data.cache_dir={folder} holds no {METADATA}; write a cache there first "
                     "with python -m dpo_jax.prepare --output DIR")
   with open(path) as f:
     metadata = json.load(f)
-  if metadata.get("format_version") != FORMAT_VERSION:
+  if metadata.get("format_version") not in READABLE_FORMATS:
     raise UserError(format_error(folder, metadata.get("format_version")))
   count = metadata["num_shards"]
   summaries = [summary_path(folder, i, count) for i in range(count)]
@@ -194,8 +215,10 @@ def read_metadata(folder: str) -> dict:
   for share in shares:
     for kind, n in share["counts"].items():
       counts[kind] = counts.get(kind, 0) + n
+  merged = metadata["format_version"] == MERGED_FORMAT_VERSION
   return {**metadata, "shards": [shard_path(folder, i, count) for i in range(count)],
-          "caption_tables": [captions_path(folder, i, count) for i in range(count)],
+          "caption_tables": ([os.path.join(folder, MERGED_CAPTIONS)] if merged else
+                             [captions_path(folder, i, count) for i in range(count)]),
           "shard_pairs": [s["pairs"] for s in shares],
           "shard_captions": [s["captions"] for s in shares],
           "counts": counts, "pairs": sum(s["pairs"] for s in shares)}
@@ -204,7 +227,8 @@ def read_metadata(folder: str) -> dict:
 def format_error(folder: str, found) -> str:
   """The one line that refuses a cache written in another format."""
   return (f"data.cache_dir={folder} is a latent cache of format {found}, this dpo_jax reads "
-          f"format {FORMAT_VERSION} (captions in a table of their own); write it again with "
+          f"formats {FORMAT_VERSION} and {MERGED_FORMAT_VERSION} (captions in a table of their "
+          "own); write it again with "
           f"python -m dpo_jax.prepare --output {folder} --overwrite")
 
 
@@ -225,6 +249,10 @@ class LatentCacheSource:
     self._captions = grain.ArrayRecordDataSource(self.metadata["caption_tables"])
     self._shard_ends = np.cumsum(self.metadata["shard_pairs"])
     self._caption_starts = np.cumsum([0] + self.metadata["shard_captions"][:-1])
+    # Merged: each host's entry -> its position in the merged table. (None: the hosts' own.)
+    self._merged_entries = None
+    if self.metadata["format_version"] == MERGED_FORMAT_VERSION:
+      self._merged_entries = np.load(os.path.join(folder, CAPTION_ENTRIES))
     # What the source and the transforms left out while the cache was written.
     self.skipped_at_start = {k: n for k, n in self.metadata["counts"].items() if k != "kept"}
     self.skipped_at_start.update(self.metadata.get("skipped_at_start", {}))
@@ -243,6 +271,8 @@ class LatentCacheSource:
     pair = safetensors.numpy.load(self._records[position])
     entry = caption_entry(position, int(pair.pop(CAPTION_INDEX)), self._shard_ends,
                           self._caption_starts)
+    if self._merged_entries is not None:
+      entry = int(self._merged_entries[entry])
     return {**pair, **safetensors.numpy.load(self._captions[entry])}
 
 
