@@ -121,7 +121,7 @@ def prepare(config, output: str, *, batch_pairs: int = DEFAULT_BATCH_PAIRS,
         f"their {writer.captions} distinct caption encodings to "
         f"{os.path.basename(latent_cache.captions_path(output, index, count))}", flush=True)
   if index == 0 and count > 1:
-    print(f"Each host stored the captions of its own share. Once every host has finished, "
+    print("Each host stored the captions of its own share. Once every host has finished, "
           f"python -m dpo_jax.tools.merge_captions --cache_dir {output} (on one machine) "
           "stores each caption once for the whole cache", flush=True)
   return batches.counts
