@@ -7,6 +7,8 @@ compiling dominates them and optimising the code does not pay.
 `optimize=True` compiles as a user's run would, for a subprocess whose numbers must match an
 optimised run's."""
 import os
+import random
+import socket
 import subprocess
 import sys
 
@@ -53,3 +55,35 @@ def run(command: list[str], *, devices: int = 1, optimize: bool = False, timeout
 def run_module(module: str, *args: str, **options) -> subprocess.CompletedProcess:
   """`python -m module args...` with this interpreter (see `run` for the options)."""
   return run([sys.executable, "-m", module, *args], **options)
+
+
+def _slurm_job_id() -> int:
+  """A job id whose coordinator port (JAX derives it: id mod 4096 + 61440) is free here."""
+  for _ in range(50):
+    job_id = random.randrange(10**6, 10**7)
+    with socket.socket() as probe:
+      try:
+        probe.bind(("", job_id % 4096 + 61440))
+        return job_id
+      except OSError:
+        continue
+  raise RuntimeError("no free port in 61440..65535")
+
+
+def slurm_allocation(folder, tasks: int = 2) -> dict[str, str]:
+  """The environment in which launch/slurm_gpu.sbatch runs as sbatch runs it, in a `tasks`-task
+  allocation on this one node ('localhost'), with tests/fake_srun.sh as srun (in `folder`/bin):
+  each task gets srun's variables and no coordinator flag, so JAX's SLURM detection alone
+  must join them."""
+  bin_dir = os.path.join(folder, "bin")
+  os.makedirs(bin_dir, exist_ok=True)
+  srun = os.path.join(bin_dir, "srun")
+  with open(srun, "w") as f:
+    f.write(f'#!/bin/sh\nexec bash {REPO}/tests/fake_srun.sh "$@"\n')
+  os.chmod(srun, 0o755)
+  return dict(SLURM_JOB_ID=str(_slurm_job_id()), SLURM_JOB_NODELIST="localhost",
+              SLURM_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_NUM_NODES="1",
+              SLURM_NTASKS=str(tasks), SLURM_NTASKS_PER_NODE=str(tasks),
+              SLURM_TASKS_PER_NODE=str(tasks), SLURM_SUBMIT_DIR=REPO,
+              PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")

@@ -1,10 +1,8 @@
-"""The launchers: launch/local_multiprocess.sh and launch/slurm_gpu.sbatch start processes that
-jax.distributed joins into one job (a failing process fails the launch); launch/tpu_pod.sh
-sends the right commands to every worker."""
-import json
+"""The launchers: a failing process fails launch/local_multiprocess.sh's launch;
+launch/tpu_pod.sh sends the right commands to every worker. (That the local and SLURM
+launchers' processes join into one job and train is tests/test_multihost.py's two-host run,
+resumed through launch/slurm_gpu.sbatch.)"""
 import os
-import random
-import socket
 import subprocess
 import tarfile
 
@@ -12,24 +10,12 @@ import pytest
 
 import subprocesses
 
-# A run small enough that compiling dominates it (the same in every launcher's test, so the
-# compilation cache serves the second).
-_TINY_RUN = ("--config.train.steps=2", "--config.data.resolution=32",
-             "--config.train.batch_pairs=2")
-
 
 def _local_multiprocess(workdir, *args):
   # Compiled with most optimisations off (subprocesses' default): compiling dominates this run.
   return subprocesses.run(
       ["bash", "launch/local_multiprocess.sh", "2", "configs/synthetic.py", str(workdir), *args],
       timeout=300)
-
-
-def _logged_steps(workdir) -> list[int]:
-  # Had jax.distributed not joined the processes, two single-process runs would each log
-  # every step.
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  return [json.loads(line)["step"] for line in lines]
 
 
 @pytest.mark.slow
@@ -43,45 +29,6 @@ def _executable(path, text: str):
   path.write_text(text)
   path.chmod(0o755)
   return path
-
-
-def _slurm_job_id() -> int:
-  """A job id whose coordinator port (JAX derives it: id mod 4096 + 61440) is free here."""
-  for _ in range(50):
-    job_id = random.randrange(10**6, 10**7)
-    with socket.socket() as probe:
-      try:
-        probe.bind(("", job_id % 4096 + 61440))
-        return job_id
-      except OSError:
-        continue
-  raise RuntimeError("no free port in 61440..65535")
-
-
-def _sbatch(tmp_path, workdir, *args):
-  """launch/slurm_gpu.sbatch as sbatch runs it in a 2-task allocation on this one node
-  ('localhost'), with tests/fake_srun.sh as srun: each task gets srun's variables and no
-  coordinator flag, so JAX's SLURM detection alone must join them."""
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  _executable(bin_dir / "srun",
-              f'#!/bin/sh\nexec bash {subprocesses.REPO}/tests/fake_srun.sh "$@"\n')
-  allocation = dict(SLURM_JOB_ID=str(_slurm_job_id()), SLURM_JOB_NODELIST="localhost",
-                    SLURM_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_NUM_NODES="1",
-                    SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="2",
-                    SLURM_SUBMIT_DIR=subprocesses.REPO)
-  return subprocesses.run(
-      ["bash", "launch/slurm_gpu.sbatch", "configs/synthetic.py", str(workdir), *args],
-      timeout=300, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **allocation)
-
-
-@pytest.mark.slow
-def test_slurm_batch_script_trains_with_two_tasks(tmp_path):
-  result = _sbatch(tmp_path, tmp_path / "run", *_TINY_RUN)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert _logged_steps(tmp_path / "run") == [1, 2]
-  assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
 def _gcloud_calls(log) -> list[list[str]]:

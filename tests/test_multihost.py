@@ -214,11 +214,12 @@ def _args(pipeline: str, jsonl: str, steps: int, ckpt_every: int = 2) -> list[st
           f"--config.optim.peak_lr={LR}", "--config.optim.warmup_steps=0"]
 
 
-def _run(command: list[str], devices: int) -> subprocess.CompletedProcess:
-  """`command` from the repository root on `devices` CPU devices per process. On a timeout
-  its whole process group is killed: processes stuck in a collective would outlive the
-  launcher."""
-  with subprocess.Popen(command, cwd=subprocesses.REPO, env=subprocesses.cpu_env(devices),
+def _run(command: list[str], devices: int, **env: str) -> subprocess.CompletedProcess:
+  """`command` from the repository root on `devices` CPU devices per process, `env` added. On
+  a timeout its whole process group is killed: processes stuck in a collective would outlive
+  the launcher."""
+  with subprocess.Popen(command, cwd=subprocesses.REPO,
+                        env=subprocesses.cpu_env(devices, **env),
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         start_new_session=True) as process:
     try:
@@ -233,22 +234,28 @@ def _metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-# Over a minute of CPU each: `make test-all` runs these, CI's `make test` does not. (CI trains
-# two processes through jax.distributed in test_launch's SLURM test.) The first once hung in
-# a gloo all-gather in 2 of ~11 two-process launches under pytest; 2026-12-08, no hang in
-# 24 launches, under pytest and outside, with and without the shared compilation cache and
-# two busy processes beside them.
+# The gloo all-gather of a two-process run once hung in 2 of ~11 launches under pytest; on
+# 2026-12-08 none did in 24 launches (under pytest and outside, with and without the shared
+# compilation cache and busy processes beside them), nor in the 15 runs of this test (30
+# two-process launches) that moved it into `make test`. A hang fails the test at _run's
+# timeout, its processes killed.
 @pytest.mark.slow
-@pytest.mark.expensive
 def test_two_hosts_resumed_end_with_the_params_of_one_host_straight(data, pipeline, tmp_path):
-  """2 processes × 2 CPU devices train steps 1-2, stop, and resume to step 4; 1 process × 4
-  devices (reading through a grain worker process) trains 4 steps straight. Real JSONL
-  images with one unusable pair, random crops and flips, prompt dropout."""
+  """2 processes × 2 CPU devices train steps 1-2 (launch/local_multiprocess.sh), stop, and
+  resume to step 4 as a requeued SLURM job: launch/slurm_gpu.sbatch in a 2-task allocation,
+  where JAX's SLURM detection alone joins the tasks. 1 process × 4 devices (reading through a
+  grain worker process) trains 4 steps straight. Real JSONL images with one unusable pair,
+  random crops and flips, prompt dropout."""
   two, one = tmp_path / "two_hosts", tmp_path / "one_host"
-  for steps in (2, 4):
-    result = _run(["bash", "launch/local_multiprocess.sh", "2", "tests/tiny_config.py",
-                   str(two), *_args(pipeline, data["jsonl"], steps)], devices=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+  result = _run(["bash", "launch/local_multiprocess.sh", "2", "tests/tiny_config.py", str(two),
+                 *_args(pipeline, data["jsonl"], 2)], devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = _run(["bash", "launch/slurm_gpu.sbatch", "tests/tiny_config.py", str(two),
+                 *_args(pipeline, data["jsonl"], 4)], devices=2,
+                **subprocesses.slurm_allocation(str(tmp_path)))
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Process 0's line alone: had the tasks not joined, each would resume and print it.
+  assert result.stdout.count("resumed from step") == 1
   assert f"resumed from step 2 in {two}" in result.stdout
   result = _run([sys.executable, "-m", "dpo_jax.main", "--config=tests/tiny_config.py",
                  f"--workdir={one}", *_args(pipeline, data["jsonl"], 4, 4),
@@ -296,6 +303,9 @@ def _python_processes_of_group(group: int) -> list[int]:
   return found
 
 
+# Two to three minutes of both cores (three two-process runs, data workers included): `make
+# test-all` runs it, CI's `make test` does not. CI covers SIGTERM on one host (test_faults)
+# and the two-host resume (above).
 @pytest.mark.slow
 @pytest.mark.expensive
 def test_two_hosts_with_data_workers_stop_saved_on_sigterm_and_resume(data, pipeline, tmp_path):
