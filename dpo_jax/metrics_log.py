@@ -2,9 +2,29 @@
 import json
 import math
 import os
+import sys
 import time
 
 import jax
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter (event files without TensorFlow), imported without PyTorch.
+
+  tensorboardX imports torch whenever it is installed (the test and export extras install
+  it), only to accept torch tensors, which we never log: 1.3 s and a few hundred MB in every
+  run. A None in sys.modules makes that one `import torch` fail as if torch were absent; a
+  torch already imported by the process is left alone.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class MetricsLog:
@@ -17,8 +37,7 @@ class MetricsLog:
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._enabled else None
     self._tensorboard = None
     if self._enabled:
-      from tensorboardX import SummaryWriter  # Event files without TensorFlow.
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
   def restart_clock(self) -> None:
     """The next rate counts from now (after compilation, say)."""

@@ -2,6 +2,7 @@
 (the embedded demo itself: tests/test_demo.py)."""
 import json
 import math
+import sys
 
 import pytest
 
@@ -42,6 +43,19 @@ def test_synthetic_run_trains_and_logs_metrics(tmp_path):
   # The profiler window: one trace (TensorBoard's plugin layout) of steps 2..3.
   assert f"profile of steps 2..3: {tmp_path / 'profile'}" in result.stdout
   assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_the_metrics_log_writes_tensorboard_events_without_importing_pytorch(tmp_path):
+  """tensorboardX would import torch (installed here, by the test extra) in every run: over a
+  second of each command's start. PyTorch still imports afterwards, for whoever needs it."""
+  code = (f"import os, sys; from dpo_jax import metrics_log; "
+          f"log = metrics_log.MetricsLog({str(tmp_path)!r}, total_steps=1); "
+          "log.write(1, {'loss': 0.5}, lr=0.1, pairs=2); log.close(); "
+          "assert 'torch' not in sys.modules, 'torch imported'; import torch; "
+          f"print(os.listdir({str(tmp_path / 'tensorboard')!r}))")
+  result = subprocesses.run([sys.executable, "-c", code])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "events.out.tfevents" in result.stdout
 
 
 @pytest.mark.parametrize("args, expected", [
