@@ -253,9 +253,9 @@ def _run_until_killed(command: list[str], devices: int, workdir, step: int, outp
 
 # The gloo all-gather of a two-process run once hung in 2 of ~11 launches under pytest; on
 # 2026-12-08 none did in 24 launches (under pytest and outside, with and without the shared
-# compilation cache and busy processes beside them), nor in the 15 runs of this test (30
-# two-process launches) that moved it into `make test`. A hang fails the test at a timeout,
-# its processes killed.
+# compilation cache and busy processes beside them), nor in 15 runs of this test's earlier
+# form (both legs through the local launcher, stopped rather than killed: 30 two-process
+# launches). A hang fails the test at a timeout, its processes killed.
 @pytest.mark.slow
 def test_two_hosts_killed_and_resumed_end_with_the_params_of_one_host_straight(
     data, pipeline, tmp_path):
