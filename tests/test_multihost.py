@@ -237,9 +237,10 @@ def _metrics(workdir) -> list[dict]:
 def _run_until_killed(command: list[str], devices: int, workdir, step: int, output) -> None:
   """`command` until its checkpoint `step` is committed, then SIGKILL to its whole process
   group: a crash or a lost node, with no chance to save. Output to files in `output`."""
-  with (output / "stdout.txt").open("w") as stdout, (output / "stderr.txt").open("w") as stderr, \
-      subprocess.Popen(command, cwd=subprocesses.REPO, env=subprocesses.cpu_env(devices),
-                       stdout=stdout, stderr=stderr, start_new_session=True) as process:
+  with ((output / "stdout.txt").open("w") as stdout,
+        (output / "stderr.txt").open("w") as stderr,
+        subprocess.Popen(command, cwd=subprocesses.REPO, env=subprocesses.cpu_env(devices),
+                         stdout=stdout, stderr=stderr, start_new_session=True) as process):
     try:
       deadline = time.monotonic() + 300
       # Orbax renames a checkpoint's folder to its step once every host's part is written.
