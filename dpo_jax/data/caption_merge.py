@@ -31,7 +31,7 @@ _READ_CHUNK = 256  # Entries per read: sequential reads in chunks, a few tens of
 
 
 def _entries(table: str):
-  """Each entry's bytes of one hosts' table, in order."""
+  """Each entry's bytes of one host's table, in order."""
   reader = array_record_module.ArrayRecordReader(table)
   try:
     total = reader.num_records()
