@@ -44,7 +44,7 @@ def _entries(table: str):
 def _write_durably(path: str, write) -> None:
   """`write(temporary path)`, then the file renamed to `path` once on disk, and the rename
   itself made durable."""
-  temporary = path + ".tmp"
+  temporary = f"{path}.partial"  # As export and label name a file not yet in place.
   write(temporary)
   with open(temporary, "rb") as f:
     os.fsync(f.fileno())
